@@ -1,0 +1,27 @@
+"""Model zoo: ``create_model(name)`` builds any registered family member.
+
+Importing the package registers every family (one module per family).
+"""
+
+from models import lenet, resnet  # noqa: F401  (imported to register their models)
+from models.convert import ConversionError, convert_state_dict, export_state_dict
+from models.registry import (
+    ModelCfg,
+    UnknownModelError,
+    create_model,
+    get_model_cfg,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    'ConversionError',
+    'ModelCfg',
+    'UnknownModelError',
+    'convert_state_dict',
+    'create_model',
+    'export_state_dict',
+    'get_model_cfg',
+    'list_models',
+    'register_model',
+]

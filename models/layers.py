@@ -1,0 +1,283 @@
+"""Building blocks shared by every model family.
+
+Families never instantiate ``nn.Conv`` or a normalisation layer directly: they receive
+constructors from :func:`conv_factory` and :func:`norm_factory` (the pattern of the Flax
+``examples/imagenet/models.py``), so a single pair of switches (``norm='group'``,
+``weight_std=True``) turns any family into its BiT-style GroupNorm + weight-standardised
+twin.
+
+Parameters are always float32; ``dtype`` is the compute dtype. Normalisation statistics
+are reduced in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Padding = str | Sequence[tuple[int, int]]
+
+PADDING_MODES = ('symmetric', 'tf_same', 'valid')
+NORMS = ('batch', 'group', 'none')
+
+# torch.nn.Conv2d's default kaiming_normal_(mode='fan_out', nonlinearity='relu') as used by
+# torchvision ResNets: untruncated normal with variance 2 / (k * k * out_channels).
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return tuple(v)  # type: ignore[return-value]
+
+
+def get_padding(
+    mode: str,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] = 1,
+    dilation: int | Sequence[int] = 1,
+) -> Padding:
+    """Padding argument for ``nn.Conv`` / ``nn.max_pool`` in one of the named modes.
+
+    Args:
+        mode: ``'symmetric'``: PyTorch-style explicit pads of
+            ``((stride - 1) + dilation * (k - 1)) // 2`` on both sides (``k // 2`` for the
+            usual odd kernels), so ported torchvision/timm weights see the same pixels.
+            ``'tf_same'``: TensorFlow ``SAME`` (extra pad on the bottom/right), needed by
+            ports of TF-trained models (``tf_efficientnet_*``); XLA's ``'SAME'`` is exactly
+            TF's rule. ``'valid'``: no padding.
+        kernel_size: int or (kh, kw).
+        strides: int or (sh, sw).
+        dilation: int or (dh, dw).
+
+    Returns:
+        A list of ``(low, high)`` pairs or the string ``'SAME'`` / ``'VALID'``.
+    """
+    if mode == 'symmetric':
+        return [
+            (p, p)
+            for p in (
+                ((s - 1) + d * (k - 1)) // 2
+                for k, s, d in zip(_pair(kernel_size), _pair(strides), _pair(dilation), strict=True)
+            )
+        ]
+    if mode == 'tf_same':
+        return 'SAME'
+    if mode == 'valid':
+        return 'VALID'
+    raise ValueError(f'padding mode must be one of {PADDING_MODES}, got {mode!r}')
+
+
+def standardize_kernel(kernel: jax.Array, eps: float) -> jax.Array:
+    """Weight standardisation (Qiao et al. 2019; used by BiT, Kolesnikov et al. 2020).
+
+    Each output channel of an HWIO kernel is shifted and scaled to zero mean and unit
+    variance over (H, W, in). Computed in float32 so a bfloat16 kernel copy cannot lose the
+    small centred values.
+    """
+    k = kernel.astype(jnp.float32)
+    axes = tuple(range(k.ndim - 1))
+    mean = jnp.mean(k, axis=axes, keepdims=True)
+    var = jnp.var(k, axis=axes, keepdims=True)
+    return ((k - mean) * jax.lax.rsqrt(var + eps)).astype(kernel.dtype)
+
+
+class StdConv(nn.Conv):
+    """Weight-standardised convolution (BiT, Kolesnikov et al. 2020, Sec. 4.3).
+
+    The stored parameter is the raw kernel; standardisation happens on every call so the
+    optimiser sees the raw weights, as in the reference implementation.
+
+    Attributes:
+        eps: added to the per-channel variance. 1e-8 follows the released BiT models;
+            larger values matter only for nearly constant kernels.
+    """
+
+    eps: float = 1e-8
+
+    def param(self, name: str, init_fn: Callable[..., Any], *init_args, **init_kwargs):
+        # Hooking ``param`` rather than re-implementing ``__call__`` keeps every nn.Conv
+        # feature (dilation, groups, dtype promotion) without duplicating it.
+        value = super().param(name, init_fn, *init_args, **init_kwargs)
+        if name == 'kernel':
+            value = standardize_kernel(value, self.eps)
+        return value
+
+
+def conv_factory(
+    weight_std: bool,
+    dtype: Dtype,
+    padding: str = 'symmetric',
+    kernel_init: Callable[..., Any] = kaiming_normal_fan_out,
+    eps: float = 1e-8,
+) -> Callable[..., nn.Module]:
+    """Returns ``make(features, kernel_size, strides=1, *, padding=None, use_bias=False, name=None)``.
+
+    Args:
+        weight_std: build :class:`StdConv` instead of ``nn.Conv``.
+        dtype: compute dtype; parameters stay float32.
+        padding: default padding mode (see :func:`get_padding`) for every conv built;
+            ``make(..., padding=mode)`` overrides it for one layer.
+        kernel_init: default kernel initialiser.
+        eps: StdConv epsilon.
+    """
+    get_padding(padding, 1)  # fail at construction on a bad mode, not at first call
+    default_mode = padding
+
+    def make(
+        features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        *,
+        padding: str | None = None,
+        use_bias: bool = False,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        kwargs.setdefault('kernel_init', kernel_init)
+        mode = padding or default_mode
+        common = dict(
+            features=features,
+            kernel_size=_pair(kernel_size),
+            strides=_pair(strides),
+            padding=get_padding(mode, kernel_size, strides),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            name=name,
+            **kwargs,
+        )
+        if weight_std:
+            return StdConv(eps=eps, **common)
+        return nn.Conv(**common)
+
+    return make
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation (Wu & He 2018) whose group count adapts to narrow layers.
+
+    ``groups`` (32 in the paper) is used when it divides the channel count; otherwise the
+    largest divisor of the channel count that is <= ``groups`` (e.g. 6 channels -> 6
+    groups, 84 -> 28), so the same switch works on LeNet-sized layers. Statistics are
+    computed in float32.
+
+    Attributes:
+        groups: preferred number of groups.
+        epsilon: added to the group variance.
+        dtype: output dtype.
+        scale_init: initialiser of the per-channel scale.
+        bias_init: initialiser of the per-channel bias.
+    """
+
+    groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    scale_init: Callable[..., Any] = nn.initializers.ones
+    bias_init: Callable[..., Any] = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        g = _largest_divisor_at_most(c, self.groups)
+        xf = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
+        axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        var = jnp.var(xf, axis=axes, keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        scale = self.param('scale', self.scale_init, (c,), jnp.float32)
+        bias = self.param('bias', self.bias_init, (c,), jnp.float32)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class Identity(nn.Module):
+    """Stands in for a norm layer when ``norm='none'``; accepts and ignores norm kwargs."""
+
+    scale_init: Callable[..., Any] | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x
+
+
+def norm_factory(
+    norm: str,
+    train: bool,
+    dtype: Dtype,
+    groups: int = 32,
+    momentum: float = 0.9,
+    epsilon: float = 1e-5,
+) -> Callable[..., nn.Module]:
+    """Returns a constructor ``make(name=..., scale_init=...)`` of normalisation layers.
+
+    Args:
+        norm: ``'batch'``, ``'group'`` or ``'none'``.
+        train: BatchNorm uses batch statistics and updates ``batch_stats`` when True.
+        dtype: compute/output dtype; scale and bias are float32.
+        groups: GroupNorm groups (see :class:`GroupNorm` for narrow layers).
+        momentum: BatchNorm running-average decay. Flax's 0.9 is torch's ``momentum=0.1``.
+        epsilon: added to the variance.
+
+    BatchNorm has no ``axis_name``: the trainer jits over a globally sharded batch, so the
+    statistics XLA computes are already global (synchronised BN for free).
+    """
+    if norm == 'batch':
+        return functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=momentum,
+            epsilon=epsilon,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+        )
+    if norm == 'group':
+        return functools.partial(GroupNorm, groups=groups, epsilon=epsilon, dtype=dtype)
+    if norm == 'none':
+        return Identity
+    raise ValueError(f'norm must be one of {NORMS}, got {norm!r}')
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drops a whole residual branch per example.
+
+    Kept branches are scaled by ``1 / (1 - rate)`` so the expectation matches eval mode.
+    Uses the ``'dropout'`` rng stream.
+
+    Attributes:
+        rate: probability of dropping the branch of an example.
+    """
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if not train or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def torch_linear_init(fan_in: int) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(kernel_init, bias_init)`` reproducing ``torch.nn.Linear.reset_parameters``.
+
+    Both are uniform in +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5) for the weight).
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+    def bias_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return kernel_init, bias_init

@@ -1,0 +1,88 @@
+"""flaxnets entry point.
+
+    python train.py --config configs/default.py --workdir /tmp/flaxnets/default \
+        [--config.batch_size=256 ...]
+
+The trainer is `config.trainer` ('supervised' | 'noisy_student' | 'mpl'). Starting again
+with the same --workdir resumes from its newest checkpoint. Multi-host: pass
+--coordinator_address/--num_processes/--process_id, or, on TPU pods, SLURM and Open MPI,
+nothing: JAX detects the cluster itself.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (a get_config() module).', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for multi-process runs.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+
+def _cluster_detected() -> bool:
+    """True inside a multi-process SLURM / Open MPI job or a multi-host TPU slice, the
+    cluster kinds `jax.distributed.initialize()` configures by itself."""
+    for var in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'):
+        value = os.environ.get(var, '')
+        if value.isdigit() and int(value) > 1:
+            return True
+    return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def _initialize_distributed() -> None:
+    import jax
+
+    explicit = [f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)]
+    if any(explicit) and not all(explicit):
+        raise app.UsageError(
+            '--coordinator_address, --num_processes and --process_id go together: give all three.'
+        )
+    detected = _cluster_detected()
+    if not (all(explicit) or detected):
+        return
+    # CPU processes need a collectives backend; harmless on GPU/TPU.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    if all(explicit):
+        jax.distributed.initialize(
+            coordinator_address=_COORDINATOR.value,
+            num_processes=_NUM_PROCESSES.value,
+            process_id=_PROCESS_ID.value,
+        )
+    else:
+        jax.distributed.initialize()
+    logging.info(
+        'Process %d of %d; %d local / %d global devices.',
+        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    # tf.data only: keep TensorFlow off the accelerators JAX uses.
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], 'GPU')
+    _initialize_distributed()
+
+    import trainers
+
+    config = _CONFIG.value
+    trainer = trainers.get_trainer(config.get('trainer', 'supervised'))
+    trainer.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    app.run(main)

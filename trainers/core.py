@@ -1,0 +1,324 @@
+"""The training core every trainer stands on: mesh, sharded state, jitted steps.
+
+One code path for 1 CPU, 8 accelerators or many hosts. The batch is sharded over the
+mesh axis 'data'; the state is replicated, or, with `config.shard_params`, its large
+arrays are split over the same axis (FSDP-style: XLA gathers them where the forward needs
+them). Because the step runs under `jax.jit` on global arrays, BatchNorm statistics are
+computed over the global batch (synchronised BN) with no `axis_name` bookkeeping.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = 'data'
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+    name = config.get('compute_dtype', 'float32')
+    if name not in _DTYPES:
+        raise ValueError(
+            f'config.compute_dtype={name!r} is not supported; use one of {sorted(_DTYPES)}.'
+        )
+    return _DTYPES[name]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a run needs to continue exactly: arrays only, no functions.
+
+    `ema_params`/`ema_batch_stats` are empty dicts when EMA is off; `batch_stats` is an
+    empty dict for models without BatchNorm. The data position is `step` itself, since
+    the pipeline's batches are a function of (seed, step).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def create_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over every device of every process, in process order.
+
+    `jax.devices()` lists process 0's devices first, so each process's contiguous slice
+    of the global batch lands on its own devices.
+    """
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices, (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def state_shardings(mesh: Mesh, abstract_state: Any, shard_params: bool, min_size: int = 2**18):
+    """Sharding for every leaf of the state.
+
+    Replicated by default. With `shard_params`, each array of at least `min_size`
+    elements is split over 'data' along its largest dimension divisible by the mesh
+    size; parameters, optimizer moments and EMA have equal shapes, so they get equal
+    shardings and the update needs no resharding.
+    """
+    n = mesh.shape[DATA_AXIS]
+
+    def spec(x):
+        shape = getattr(x, 'shape', ())
+        if not shard_params or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+            return replicated(mesh)
+        dims = sorted(range(len(shape)), key=lambda d: -shape[d])
+        for d in dims:
+            if shape[d] % n == 0:
+                parts = [None] * len(shape)
+                parts[d] = DATA_AXIS
+                return NamedSharding(mesh, P(*parts))
+        return replicated(mesh)
+
+    return jax.tree.map(spec, abstract_state)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def model_variables(params, batch_stats) -> dict:
+    variables = {'params': params}
+    if batch_stats:
+        variables['batch_stats'] = batch_stats
+    return variables
+
+
+def create_train_state(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    *,
+    rng: jax.Array,
+    input_shape: tuple[int, ...],
+    use_ema: bool,
+    mesh: Mesh,
+    shard_params: bool = False,
+) -> tuple[TrainState, Any]:
+    """Initializes the state directly in its final sharding; returns (state, shardings)."""
+
+    def init() -> TrainState:
+        variables = model.init(
+            {'params': rng, 'dropout': rng}, jnp.zeros(input_shape, jnp.float32), train=False
+        )
+        params = variables['params']
+        batch_stats = variables.get('batch_stats', {})
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=tx.init(params),
+            ema_params=jax.tree.map(jnp.copy, params) if use_ema else {},
+            ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if use_ema else {},
+        )
+
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(mesh, abstract, shard_params)
+    state = jax.jit(init, out_shardings=shardings)()
+    return state, shardings
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
+    """Per-example softmax cross-entropy against (smoothed) integer labels."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits (ties broken by index)."""
+    k = min(k, logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, k)
+    return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def make_train_step(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config: ml_collections.ConfigDict,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure supervised step: (state, batch) -> (state, metrics). Not yet jitted.
+
+    Dropout and stochastic-depth randomness comes from fold_in(seed, step), so a resumed
+    run draws exactly what the uninterrupted run drew.
+    """
+    base_rng = jax.random.key(config.seed)
+    label_smoothing = config.get('label_smoothing', 0.0)
+    ema_decay = config.get('ema_decay', 0.0)
+
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(base_rng, state.step)
+        has_bn = bool(state.batch_stats)
+
+        def loss_fn(params):
+            out, mutated = model.apply(
+                model_variables(params, state.batch_stats),
+                batch['image'],
+                train=True,
+                mutable=['batch_stats'] if has_bn else [],
+                rngs={'dropout': rng},
+            )
+            loss = cross_entropy(out, batch['label'], label_smoothing).mean()
+            return loss, (out, mutated)
+
+        (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        batch_stats = mutated['batch_stats'] if has_bn else state.batch_stats
+        new = state.replace(
+            step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+        )
+        if ema_decay:
+            ema = lambda e, x: ema_decay * e + (1.0 - ema_decay) * x  # noqa: E731
+            new = new.replace(
+                ema_params=jax.tree.map(ema, state.ema_params, params),
+                ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, batch_stats),
+            )
+        metrics = {
+            'loss': loss,
+            'top1': topk_correct(logits, batch['label'], 1).mean(),
+            'grad_norm': optax.global_norm(grads),
+            'param_norm': optax.global_norm(params),
+            'lr': schedule(state.step),
+        }
+        return new, metrics
+
+    return step_fn
+
+
+def jit_train_step(step_fn, state_sharding, mesh: Mesh):
+    """jit with explicit shardings and the state donated (updated in place)."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_sharding(mesh)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model: flax.linen.Module, mesh: Mesh):
+    """Jitted eval step returning masked *sums* (loss, top-1, top-5, count).
+
+    Sums, not means, so the padded last batch is weighted correctly and the host adds
+    them up only once, at the end of the pass.
+    """
+
+    def eval_fn(params, batch_stats, batch):
+        logits = model.apply(model_variables(params, batch_stats), batch['image'], train=False)
+        mask = batch['mask'].astype(jnp.float32)
+        loss = cross_entropy(logits, batch['label'])
+        return {
+            'loss': jnp.sum(loss * mask),
+            'top1': jnp.sum(topk_correct(logits, batch['label'], 1) * mask),
+            'top5': jnp.sum(topk_correct(logits, batch['label'], 5) * mask),
+            'count': jnp.sum(mask),
+        }
+
+    return jax.jit(eval_fn, in_shardings=(None, None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+
+
+def evaluate(eval_step, params, batch_stats, batches: Iterator[dict]) -> dict[str, float]:
+    """One pass: sums stay on device until the pass ends (one host transfer)."""
+    totals = None
+    for batch in batches:
+        sums = eval_step(params, batch_stats, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise ValueError('The evaluation split yielded no batches.')
+    totals = jax.device_get(totals)
+    count = float(totals['count'])
+    return {
+        'loss': float(totals['loss']) / count,
+        'top1': float(totals['top1']) / count,
+        'top5': float(totals['top5']) / count,
+        'num_examples': int(round(count)),
+    }
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles this process's slice of the batch into global arrays on the mesh."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+    }
+
+
+def prefetch_to_device(
+    batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Transfers batches to the devices in a background thread, `size` ahead.
+
+    The host-to-device copy of batch t+1 then overlaps the step on batch t. The thread
+    ends when the consumer stops iterating (generator closed) or the source ends.
+    """
+    if size <= 0:
+        for b in batches:
+            yield to_global(b, sharding)
+        return
+    q: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+    done = object()
+
+    def producer():
+        try:
+            for b in batches:
+                item = to_global(b, sharding)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # surfaced in the consumer's thread
+            q.put(e)
+
+    thread = threading.Thread(target=producer, daemon=True, name='prefetch_to_device')
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -1,0 +1,288 @@
+"""Supervised training: `config.trainer = 'supervised'`.
+
+`train_and_evaluate(config, workdir)` trains `config.model` on `config.dataset`, evaluates
+on every example of `config.eval_split` (and with the EMA parameters when enabled),
+checkpoints with orbax and resumes from the newest checkpoint of `workdir`. The data of
+step s is a function of (seed, s), and so is the dropout randomness, so a run that is
+stopped and started again ends with the parameters of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+import input_pipeline
+import models
+from trainers import core, optim
+from trainers.checkpointing import Checkpointer, tree_fingerprint
+from trainers.metrics_io import MetricsLogger
+
+# Every top-level key a supervised config may hold (later trainers extend this set).
+CONFIG_KEYS = frozenset({
+    'trainer', 'model', 'model_kwargs', 'dataset', 'train_split', 'eval_split', 'data',
+    'image_size', 'batch_size', 'eval_batch_size', 'num_train_steps', 'seed',
+    'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'optimizer', 'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing',
+    'ema_decay', 'grad_clip_norm', 'compute_dtype', 'shard_params', 'prefetch_to_device',
+})
+REQUIRED_KEYS = ('model', 'dataset', 'batch_size', 'num_train_steps', 'seed',
+                 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss; the run stopped without saving it."""
+
+
+def validate_config(config: ml_collections.ConfigDict, known: frozenset = CONFIG_KEYS) -> None:
+    """Fails on a missing required key or an unknown (misspelled) one, naming it."""
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ValueError(f'The config lacks required key(s) {missing}; add them to the config file.')
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(known), n=1)
+            hints.append(f'{k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+        raise ValueError(
+            f"Unknown config key(s) {', '.join(hints)} for trainer "
+            f"{config.get('trainer', 'supervised')!r}. Known keys: {', '.join(sorted(known))}."
+        )
+
+
+@dataclasses.dataclass
+class Setup:
+    """What a trainer builds from the config before its loop."""
+
+    model: Any
+    model_cfg: Any
+    info: Any
+    image_size: int
+    channels: int
+    mesh: Any
+    schedule: Any
+    tx: Any
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+    data_cfg = config.data
+    info = input_pipeline.get_dataset_info(config.dataset, data_cfg.data_dir, data_cfg.download)
+    model_cfg = models.get_model_cfg(config.model)
+    model = models.create_model(
+        config.model,
+        num_classes=info.num_classes,
+        dtype=core.compute_dtype(config),
+        **dict(config.get('model_kwargs', {})),
+    )
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    for key in ('batch_size', 'eval_batch_size'):
+        b = config.get(key) or config.batch_size
+        if b % n_dev or b % n_proc:
+            raise ValueError(
+                f'config.{key}={b} must be divisible by the number of devices ({n_dev}) '
+                f'and processes ({n_proc}).'
+            )
+    schedule = optim.create_schedule(config)
+    return Setup(
+        model=model,
+        model_cfg=model_cfg,
+        info=info,
+        image_size=config.get('image_size') or model_cfg.input_size[0],
+        channels=model_cfg.input_size[2],
+        mesh=core.create_mesh(),
+        schedule=schedule,
+        tx=optim.create_optimizer(config, schedule),
+    )
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning('SIGTERM received: saving a checkpoint at the next step, then stopping.')
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) one supervised training run; returns the final results."""
+    validate_config(config)
+    setup = build(config)
+    mesh, model = setup.mesh, setup.model
+    total = config.num_train_steps
+    pi, pc = jax.process_index(), jax.process_count()
+    if pi == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    use_ema = bool(config.get('ema_decay', 0.0))
+    state, state_sharding = core.create_train_state(
+        model,
+        setup.tx,
+        rng=jax.random.key(config.seed),
+        input_shape=(1, setup.image_size, setup.image_size, setup.channels),
+        use_ema=use_ema,
+        mesh=mesh,
+        shard_params=config.get('shard_params', False),
+    )
+    meta = {
+        'model': config.model,
+        'model_kwargs': dict(config.get('model_kwargs', {})),
+        'param_fingerprint': tree_fingerprint(state.params),
+        'dataset': config.dataset,
+        'seed': config.seed,
+        'batch_size': config.batch_size,
+    }
+    ckpt = Checkpointer(
+        os.path.join(workdir, 'checkpoints'), meta, max_to_keep=config.get('keep_checkpoints', 3)
+    )
+    start_step = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        ckpt.check_compatible(latest)
+        state = ckpt.restore(latest, state)
+        start_step = int(jax.device_get(state.step))
+        logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+
+    train_step = core.jit_train_step(
+        core.make_train_step(model, setup.tx, setup.schedule, config), state_sharding, mesh
+    )
+    eval_step = core.make_eval_step(model, mesh)
+    eval_batch = config.get('eval_batch_size') or config.batch_size
+    pipe_kw = dict(
+        image_size=setup.image_size,
+        channels=setup.channels,
+        mean=setup.model_cfg.mean,
+        std=setup.model_cfg.std,
+        process_index=pi,
+        process_count=pc,
+    )
+    make_eval_iter, num_eval = input_pipeline.create_eval_iterator(
+        config.data, dataset=config.dataset, split=config.eval_split,
+        global_batch_size=eval_batch, **pipe_kw,
+    )
+    sharding = core.batch_sharding(mesh)
+    logger = MetricsLogger(workdir, total_steps=total, global_batch_size=config.batch_size)
+
+    def run_eval(step: int) -> dict[str, dict]:
+        out = {}
+        variants = [(config.eval_split, state.params, state.batch_stats)]
+        if use_ema:
+            variants.append((f'{config.eval_split}_ema', state.ema_params, state.ema_batch_stats))
+        for split, params, stats in variants:
+            batches = core.prefetch_to_device(make_eval_iter(), sharding)
+            out[split] = core.evaluate(eval_step, params, stats, batches)
+            logger.write_eval(step, split, out[split])
+        return out
+
+    pending: list[tuple[int, dict]] = []
+
+    def flush(step: int) -> dict[str, float] | None:
+        """Brings the pending step metrics to the host; stops on a non-finite loss."""
+        nonlocal pending
+        if not pending:
+            return None
+        values = jax.device_get([m for _, m in pending])
+        for (s, _), v in zip(pending, values, strict=True):
+            bad = [k for k in ('loss', 'grad_norm', 'param_norm') if not math.isfinite(float(v[k]))]
+            if bad:
+                ckpt.wait()
+                good = ckpt.latest_step()
+                where = (
+                    f'the last good checkpoint is step {good} in {ckpt.directory}; running the '
+                    f'same command again resumes from it'
+                    if good is not None else 'no checkpoint was saved before it'
+                )
+                raise NonFiniteLossError(
+                    f'Non-finite {"/".join(bad)} ({", ".join(f"{k}={float(v[k])}" for k in bad)}) '
+                    f'at step {s + 1} (training stopped; nothing was '
+                    f'saved after the divergence; {where}). Lower config.learning_rate, set '
+                    f'config.grad_clip_norm, lengthen warmup, or use compute_dtype float32.'
+                )
+        pending = []
+        return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+    train_iter = input_pipeline.create_train_iterator(
+        config.data, dataset=config.dataset, split=config.train_split,
+        global_batch_size=config.batch_size, seed=config.seed, start_step=start_step, **pipe_kw,
+    )
+    batches = core.prefetch_to_device(
+        train_iter, sharding, size=config.get('prefetch_to_device', 2)
+    )
+    eval_results: dict[str, dict] = {}
+    t0 = time.time()
+    step = start_step
+    try:
+        with _Preemption() as preempt:
+            logger.mark(step)
+            while step < total:
+                batch = next(batches)
+                state, metrics = train_step(state, batch)
+                pending.append((step, metrics))
+                step += 1
+                if step == start_step + 1:
+                    logger.mark(step)  # exclude compilation from throughput
+                stop = preempt.requested or (pc > 1 and ckpt.manager.reached_preemption(step))
+                if step % config.log_every_steps == 0 or step == total:
+                    means = flush(step)
+                    if means is not None:
+                        logger.write_train(step, means)
+                if step % config.eval_every_steps == 0 or step == total:
+                    eval_results = run_eval(step)
+                if step % config.checkpoint_every_steps == 0 or step == total or stop:
+                    flush(step)  # never save a diverged state
+                    ckpt.save(step, state, force=True)
+                if stop:
+                    logging.warning('Stopped for preemption at step %d; checkpoint saved.', step)
+                    break
+    finally:
+        batches.close()
+        ckpt.close()
+    if step < total:
+        logger.close()
+        return {'preempted_at_step': step}
+
+    main = eval_results.get(config.eval_split) or run_eval(step)[config.eval_split]
+    results = {
+        'trainer': config.get('trainer', 'supervised'),
+        'model': config.model,
+        'dataset': config.dataset,
+        'split': config.eval_split,
+        'step': step,
+        **main,
+        'train_time_s': round(time.time() - t0, 2),
+    }
+    if use_ema:
+        results['ema'] = eval_results.get(f'{config.eval_split}_ema')
+    logger.write_results(results)
+    logger.close()
+    logging.info('Final results: %s', json.dumps(results))
+    return results
