@@ -67,6 +67,57 @@ def _initialize_distributed() -> None:
     )
 
 
+def _config_keys(config, prefix='') -> list[str]:
+    keys = []
+    for k, v in config.items():
+        keys.append(prefix + k)
+        if hasattr(v, 'items'):
+            keys.extend(_config_keys(v, prefix + k + '.'))
+    return keys
+
+
+def _explain_bad_override(argv: list[str]) -> str | None:
+    """Names the --config.<key> overrides that the config file does not define."""
+    import difflib
+    import importlib.util
+
+    path = None
+    for i, a in enumerate(argv):
+        if a.startswith('--config='):
+            path = a.split('=', 1)[1]
+        elif a == '--config' and i + 1 < len(argv):
+            path = argv[i + 1]
+    if not path or not os.path.exists(path.split(':')[0]):
+        return None
+    spec = importlib.util.spec_from_file_location('_flaxnets_config', path.split(':')[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    known = _config_keys(module.get_config())
+    bad = []
+    for a in argv:
+        if a.startswith('--config.'):
+            key = a[len('--config.'):].split('=', 1)[0]
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=2)
+                bad.append(f'--config.{key}' + (f" (did you mean {' or '.join(close)}?)" if close else ''))
+    if not bad:
+        return None
+    return (
+        f"Unknown config key(s) on the command line: {', '.join(bad)}. {path} defines no such "
+        f'field; overrides can only change fields the config file sets.'
+    )
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:
+        message = _explain_bad_override(argv)
+        if message is None:
+            raise
+        raise app.UsageError(message) from e
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -85,4 +136,4 @@ def main(argv):
 
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

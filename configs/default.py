@@ -13,6 +13,7 @@ under 5 minutes on a 2-core CPU.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 import input_pipeline
 
@@ -21,7 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = 'supervised'
     config.model = 'lenet5'
-    config.model_kwargs = ml_collections.ConfigDict()
+    # Overrides passed to models.create_model; unset (None) fields keep the model's default.
+    config.model_kwargs = ml_collections.ConfigDict(
+        dict(
+            norm=placeholder(str),  # 'batch' | 'group' | 'none'
+            weight_std=placeholder(bool),
+            drop_rate=placeholder(float),
+            drop_path_rate=placeholder(float),
+        )
+    )
     config.dataset = 'mnist5k'
     config.train_split = 'train'
     config.eval_split = 'test'

@@ -22,6 +22,7 @@ the instructions when it is not.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 import input_pipeline
 
@@ -33,7 +34,15 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = 'supervised'
     config.model = 'resnet50'
-    config.model_kwargs = ml_collections.ConfigDict()
+    # Overrides passed to models.create_model; unset (None) fields keep the model's default.
+    config.model_kwargs = ml_collections.ConfigDict(
+        dict(
+            norm=placeholder(str),  # 'batch' | 'group' | 'none'
+            weight_std=placeholder(bool),
+            drop_rate=placeholder(float),
+            drop_path_rate=placeholder(float),
+        )
+    )
     config.dataset = 'imagenet2012'
     config.train_split = 'train'
     config.eval_split = 'validation'

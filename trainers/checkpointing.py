@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -132,3 +133,25 @@ def _as_dict(state: Any) -> dict:
         return dict(state)
     # flax.struct dataclasses
     return {f: getattr(state, f) for f in state.__dataclass_fields__}
+
+
+def load_state_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
+    """Reads a checkpoint's 'state' item as host numpy arrays, without a target.
+
+    For inspection, tests and restoring weights into another run (fine-tuning). Returns
+    (step, state dict); `step=None` means the newest.
+    """
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=('state', 'meta'),
+    )
+    try:
+        if step is None:
+            step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f'No checkpoint in {directory}.')
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return step, jax.tree.map(np.asarray, dict(restored['state']))
+    finally:
+        manager.close()

@@ -76,6 +76,11 @@ class Setup:
     tx: Any
 
 
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`config.model_kwargs` without its unset (None) fields."""
+    return {k: v for k, v in dict(config.get('model_kwargs', {})).items() if v is not None}
+
+
 def build(config: ml_collections.ConfigDict) -> Setup:
     data_cfg = config.data
     info = input_pipeline.get_dataset_info(config.dataset, data_cfg.data_dir, data_cfg.download)
@@ -84,7 +89,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         config.model,
         num_classes=info.num_classes,
         dtype=core.compute_dtype(config),
-        **dict(config.get('model_kwargs', {})),
+        **model_overrides(config),
     )
     n_dev, n_proc = jax.device_count(), jax.process_count()
     for key in ('batch_size', 'eval_batch_size'):
@@ -155,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     meta = {
         'model': config.model,
-        'model_kwargs': dict(config.get('model_kwargs', {})),
+        'model_kwargs': model_overrides(config),
         'param_fingerprint': tree_fingerprint(state.params),
         'dataset': config.dataset,
         'seed': config.seed,

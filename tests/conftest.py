@@ -1,0 +1,76 @@
+"""Shared fixtures: a prepared offline data dir and small configs built from real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory) -> str:
+    """A tfds data dir with mnist5k prepared once for the whole session."""
+    import input_pipeline
+
+    path = str(tmp_path_factory.mktemp('tfds'))
+    input_pipeline.get_dataset_info('mnist5k', path)
+    return path
+
+
+def small_config(data_dir: str, **overrides):
+    """configs/default.py shrunk for tests; `overrides` set top-level or dotted keys."""
+    from configs import default
+
+    config = default.get_config()
+    config.data.data_dir = data_dir
+    config.num_train_steps = 10
+    config.batch_size = 16
+    config.eval_batch_size = 300  # does not divide the 1,000 test digits: tests padding
+    config.log_every_steps = 5
+    config.eval_every_steps = 10
+    config.checkpoint_every_steps = 5
+    config.schedule.warmup_steps = 2
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], *, devices: int = 1, timeout: int = 300, check: bool = True):
+    """Runs train.py in a fresh process with `devices` fake CPU devices."""
+    env = dict(os.environ)
+    env.update(
+        XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+        JAX_PLATFORMS='cpu',
+        TF_CPP_MIN_LOG_LEVEL='2',
+        PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'train.py'), *args],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+    return proc

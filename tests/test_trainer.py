@@ -1,0 +1,287 @@
+"""End-to-end tests of the supervised trainer and the sharded core.
+
+Tolerances (and why):
+- resume: bitwise. Same program, same devices, data and dropout keys are functions of
+  (seed, step), so the interrupted and uninterrupted runs do identical arithmetic.
+- 1 vs 8 devices and 1 process vs 2 processes: rtol 1e-4 on per-step losses. The math
+  is the same but the cross-device reductions (BatchNorm moments, gradient sums) add in a
+  different order, so float32 results differ in the last bits and drift a little over
+  10 SGD steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import input_pipeline
+import models
+from conftest import read_jsonl, run_train, small_config, free_port
+from trainers import core, optim, supervised
+from trainers.checkpointing import CheckpointMismatchError, load_state_arrays
+
+
+def _results(workdir):
+    with open(os.path.join(workdir, 'results.json')) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ a real short run
+
+
+def test_default_config_short_run_writes_everything(data_dir, tmp_path):
+    workdir = str(tmp_path / 'run')
+    config = small_config(data_dir, num_train_steps=60, eval_every_steps=30, log_every_steps=20)
+    results = supervised.train_and_evaluate(config, workdir)
+
+    # Evaluation saw every one of the 1,000 test digits despite batch 300 (padded + masked).
+    assert results['num_examples'] == 1000
+    assert results['step'] == 60
+    assert results['top1'] > 0.5, results  # 10 classes: chance is 0.1
+    assert 0.0 <= results['top1'] <= results['top5'] <= 1.0
+    assert _results(workdir) == results
+
+    records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    train = [r for r in records if r['split'] == 'train']
+    test = [r for r in records if r['split'] == 'test']
+    assert [r['step'] for r in train] == [20, 40, 60]
+    assert [r['step'] for r in test] == [30, 60]
+    for r in train:
+        assert {'loss', 'top1', 'lr', 'steps_per_sec', 'images_per_sec', 'wall_time'} <= set(r)
+        assert 0.0 <= r['top1'] <= 1.0
+    assert train[-1]['loss'] < train[0]['loss']
+    assert test[-1]['top1'] == pytest.approx(results['top1'])
+    assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+    assert json.load(open(os.path.join(workdir, 'config.json')))['model'] == 'lenet5'
+    step, state = load_state_arrays(os.path.join(workdir, 'checkpoints'))
+    assert step == 60 and int(state['step']) == 60
+
+
+# ------------------------------------------------------------------ resume
+
+
+def _stop_after(monkeypatch, k: int, how: str):
+    """Makes the training iterator fail (crash) or SIGTERM the process after k batches."""
+    original = input_pipeline.create_train_iterator
+
+    def patched(*args, **kwargs):
+        it = original(*args, **kwargs)
+        for i, batch in enumerate(it):
+            if i == k:
+                if how == 'crash':
+                    raise RuntimeError('simulated crash')
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, 'create_train_iterator', patched)
+
+
+@pytest.mark.parametrize('how', ['crash', 'sigterm'])
+def test_resume_is_exact(data_dir, tmp_path, monkeypatch, how):
+    # BatchNorm, dropout and EMA all in play: every piece of state must come back.
+    overrides = {
+        'model': 'resnet_tiny', 'num_train_steps': 8, 'checkpoint_every_steps': 4,
+        'log_every_steps': 2, 'eval_every_steps': 8, 'ema_decay': 0.9,
+        'model_kwargs.drop_rate': 0.2, 'image_size': 28,
+    }
+    ref_dir, cut_dir = str(tmp_path / 'ref'), str(tmp_path / 'cut')
+    supervised.train_and_evaluate(small_config(data_dir, **overrides), ref_dir)
+
+    with monkeypatch.context() as m:
+        _stop_after(m, 6, how)
+        if how == 'crash':
+            with pytest.raises(RuntimeError, match='simulated crash'):
+                supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
+        else:
+            out = supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
+            assert 6 <= out['preempted_at_step'] < 8
+    stopped_at, _ = load_state_arrays(os.path.join(cut_dir, 'checkpoints'))
+    assert stopped_at < 8
+    supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
+
+    _, ref = load_state_arrays(os.path.join(ref_dir, 'checkpoints'), 8)
+    _, cut = load_state_arrays(os.path.join(cut_dir, 'checkpoints'), 8)
+    chex.assert_trees_all_equal(ref, cut)  # bitwise
+    assert _results(ref_dir)['top1'] == _results(cut_dir)['top1']
+
+
+# ------------------------------------------------------------------ jit once
+
+
+def test_train_and_eval_steps_compile_once(data_dir):
+    config = small_config(data_dir, model='resnet_tiny')
+    model = models.create_model('resnet_tiny', num_classes=10)
+    mesh = core.create_mesh()
+    schedule = optim.create_schedule(config)
+    tx = optim.create_optimizer(config, schedule)
+    state, shardings = core.create_train_state(
+        model, tx, rng=jax.random.key(0), input_shape=(1, 16, 16, 1), use_ema=False, mesh=mesh
+    )
+    step = core.jit_train_step(core.make_train_step(model, tx, schedule, config), shardings, mesh)
+    eval_step = core.make_eval_step(model, mesh)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        batch = {
+            'image': rng.normal(size=(8, 16, 16, 1)).astype(np.float32),
+            'label': rng.integers(0, 10, size=8).astype(np.int32),
+        }
+        state, metrics = step(state, core.to_global(batch, core.batch_sharding(mesh)))
+        eval_step(state.params, state.batch_stats, core.to_global(
+            {**batch, 'mask': np.ones(8, np.float32)}, core.batch_sharding(mesh)))
+    assert int(state.step) == 4
+    assert step._cache_size() == 1
+    assert eval_step._cache_size() == 1
+
+
+# ------------------------------------------------------------------ many devices / processes
+
+
+def _cli(data_dir, workdir, **overrides):
+    args = ['--config', 'configs/default.py', '--workdir', workdir,
+            f'--config.data.data_dir={data_dir}']
+    base = dict(model='resnet_tiny', num_train_steps=10, batch_size=16, eval_batch_size=16,
+                log_every_steps=1, eval_every_steps=10, checkpoint_every_steps=10, image_size=28)
+    base.update(overrides)
+    return args + [f'--config.{k}={v}' for k, v in base.items()]
+
+
+def _train_losses(workdir):
+    return np.array([r['loss'] for r in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+                     if r['split'] == 'train'])
+
+
+def test_one_vs_eight_devices_same_losses(data_dir, tmp_path):
+    one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
+    run_train(_cli(data_dir, one), devices=1)
+    run_train(_cli(data_dir, eight), devices=8)
+    a, b = _train_losses(one), _train_losses(eight)
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    print('max |loss diff| 1 vs 8 devices:', np.max(np.abs(a - b)))
+    assert _results(one)['num_examples'] == _results(eight)['num_examples'] == 1000
+
+
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    single = str(tmp_path / 'single')
+    run_train(_cli(data_dir, single), devices=4)
+    multi = str(tmp_path / 'multi')
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, 'train.py', *_cli(data_dir, multi),
+             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), '\n'.join(o[-3000:] for o in outs)
+    a, b = _train_losses(single), _train_losses(multi)
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(a, b, rtol=1e-4)
+    print('max |loss diff| 1x4 vs 2x2:', np.max(np.abs(a - b)))
+    assert _results(multi)['num_examples'] == 1000
+    assert _results(multi)['top1'] == pytest.approx(_results(single)['top1'], abs=2e-3)
+
+
+# ------------------------------------------------------------------ ImageNet recipe under mock data
+
+
+def test_imagenet_config_one_step_under_mock_data(tmp_path):
+    from configs import resnet50_imagenet
+
+    config = resnet50_imagenet.get_config()
+    # The real recipe, shrunk only where CI's 2 CPU cores need it.
+    config.num_train_steps = 1
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.image_size = 64
+    config.data.data_dir = str(tmp_path / 'tfds')
+    with tfds.testing.mock_data(num_examples=4):
+        results = supervised.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['step'] == 1
+    assert results['num_examples'] == 4
+    assert math.isfinite(results['loss']) and 0.0 <= results['top1'] <= 1.0
+    assert results['model'] == 'resnet50'
+
+
+# ------------------------------------------------------------------ what users get wrong
+
+
+def test_unknown_model_lists_close_names(data_dir, tmp_path):
+    with pytest.raises(models.UnknownModelError, match='resnet50'):
+        supervised.train_and_evaluate(small_config(data_dir, model='resnt50'), str(tmp_path))
+
+
+def test_unknown_config_key_in_file_is_named(data_dir, tmp_path):
+    config = small_config(data_dir)
+    config.lable_smoothing = 0.1
+    with pytest.raises(ValueError, match=r"'lable_smoothing' \(did you mean 'label_smoothing'"):
+        supervised.train_and_evaluate(config, str(tmp_path))
+
+
+def test_unknown_config_key_on_command_line_is_named(tmp_path):
+    proc = run_train(['--config', 'configs/default.py', '--workdir', str(tmp_path),
+                      '--config.lable_smoothing=0.1'], check=False, timeout=120)
+    assert proc.returncode != 0
+    assert '--config.lable_smoothing' in proc.stderr and 'label_smoothing' in proc.stderr
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    from configs import resnet50_imagenet
+
+    config = resnet50_imagenet.get_config()
+    config.data.data_dir = str(tmp_path / 'empty')
+    with pytest.raises(input_pipeline.DatasetNotAvailableError, match='downloads/manual') as e:
+        supervised.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert 'tfds build imagenet2012' in str(e.value)
+    assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def test_non_finite_loss_stops_and_names_last_good_checkpoint(data_dir, tmp_path):
+    # The LR turns NaN after step 3: steps 1-3 are fine and step 2 is checkpointed.
+    config = small_config(
+        data_dir, num_train_steps=10, log_every_steps=1, checkpoint_every_steps=2,
+        **{'schedule.name': 'step', 'schedule.warmup_steps': 0,
+           'schedule.boundaries': (3,), 'schedule.decay_factor': float('nan')},
+    )
+    workdir = str(tmp_path / 'run')
+    with pytest.raises(supervised.NonFiniteLossError, match='step 4') as e:
+        supervised.train_and_evaluate(config, workdir)
+    assert 'last good checkpoint is step 2' in str(e.value)
+    step, state = load_state_arrays(os.path.join(workdir, 'checkpoints'))
+    assert step == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
+
+
+def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
+    workdir = str(tmp_path / 'run')
+    supervised.train_and_evaluate(small_config(data_dir, num_train_steps=2, eval_every_steps=2), workdir)
+    before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+    with pytest.raises(CheckpointMismatchError, match='lenet5'):
+        supervised.train_and_evaluate(
+            small_config(data_dir, model='resnet_tiny', num_train_steps=2, eval_every_steps=2), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
