@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 _MNIST5K_TEST_PER_CLASS = 100
 _DIGITS_TEST_PER_CLASS = 40
@@ -81,6 +82,14 @@ class _CsvDigitsBuilder(tfds.core.GeneratorBasedBuilder):
     _DESCRIPTION: str
     _HOMEPAGE: str
     _CITATION: str
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        # tfds' default finds the module via `importlib_resources`, which tfds
+        # 4.9.10 imports unconditionally but only requires on Python < 3.9, so
+        # preparing failed without that package.
+        return epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         side = self._IMAGE_SIDE

@@ -36,6 +36,9 @@ def default_data_config() -> ml_collections.ConfigDict:
             (datasets too large for memory).
         in_memory: 'auto' (hold the decoded split in host memory when it is
             under about 4 GB), True or False (stream from the tfds files).
+            Image folders ignore it: they are always read by index from their
+            files (the OS page cache keeps small ones in memory), so they follow
+            the in-memory ordering rules.
         prefetch: host batches prepared ahead of the trainer.
         num_parallel_calls: threads for decoding and augmentation; -1 lets
             tf.data tune it.

@@ -15,6 +15,7 @@ npz without torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -122,6 +123,7 @@ def _placeholders(template: str) -> list[str]:
     return re.findall(r'\{(\w+)\}', template)
 
 
+@functools.cache
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r'\{(\w+)\}', template)
     # re.split with one group alternates literal, placeholder, literal, ...

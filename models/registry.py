@@ -36,7 +36,8 @@ class ModelCfg:
         crop_pct: centre-crop fraction at evaluation (resize to size / crop_pct, then crop).
         interpolation: ``'bilinear'`` or ``'bicubic'`` resize.
         num_classes: default head size.
-        top1: published ImageNet (or the dataset's) top-1 accuracy in %, where one exists.
+        top1: published ImageNet top-1 accuracy in % of the reference weights, where one
+            exists (None otherwise, e.g. LeNet-5).
         paper: citation of the architecture.
     """
 

@@ -103,7 +103,8 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch, how):
                 supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
         else:
             out = supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
-            assert 6 <= out['preempted_at_step'] < 8
+            # The SIGTERM lands while the prefetcher is a few batches ahead of the step.
+            assert 2 <= out['preempted_at_step'] < 8
     stopped_at, _ = load_state_arrays(os.path.join(cut_dir, 'checkpoints'))
     assert stopped_at < 8
     supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
@@ -261,15 +262,20 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
-def test_non_finite_loss_stops_and_names_last_good_checkpoint(data_dir, tmp_path):
-    # The LR turns NaN after step 3: steps 1-3 are fine and step 2 is checkpointed.
-    config = small_config(
-        data_dir, num_train_steps=10, log_every_steps=1, checkpoint_every_steps=2,
-        **{'schedule.name': 'step', 'schedule.warmup_steps': 0,
-           'schedule.boundaries': (3,), 'schedule.decay_factor': float('nan')},
-    )
+def test_non_finite_loss_stops_and_names_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    # A corrupt batch (NaN pixels) at step 4: steps 1-3 are fine and step 2 is checkpointed.
+    original = input_pipeline.create_train_iterator
+
+    def poisoned(*args, **kwargs):
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if i == 3:
+                batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+            yield batch
+
+    monkeypatch.setattr(input_pipeline, 'create_train_iterator', poisoned)
+    config = small_config(data_dir, num_train_steps=10, log_every_steps=1, checkpoint_every_steps=2)
     workdir = str(tmp_path / 'run')
-    with pytest.raises(supervised.NonFiniteLossError, match='step 4') as e:
+    with pytest.raises(supervised.NonFiniteLossError, match='at step 4') as e:
         supervised.train_and_evaluate(config, workdir)
     assert 'last good checkpoint is step 2' in str(e.value)
     step, state = load_state_arrays(os.path.join(workdir, 'checkpoints'))
