@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 import models
-from conftest import read_jsonl, run_train, small_config, free_port
+from conftest import FAST_COMPILE_FLAGS, free_port, read_jsonl, run_train, small_config
 from trainers import core, optim, supervised
 from trainers.checkpointing import CheckpointMismatchError, load_state_arrays
 
@@ -181,7 +181,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     run_train(_cli(data_dir, single), devices=4)
     multi = str(tmp_path / 'multi')
     port = free_port()
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS + ' --xla_force_host_platform_device_count=2',
                JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
     procs = [
