@@ -101,8 +101,7 @@ def test_lenet5_param_count():
 def test_lenet5_c3_follows_table_i():
     from models.lenet import C3_TABLE, PartialConv
 
-    conv = layers.conv_factory(False, jnp.float32, padding='valid')
-    c3 = PartialConv(C3_TABLE, 5, conv)
+    c3 = PartialConv(C3_TABLE, 5)
     x = _normal((1, 14, 14, 6))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
