@@ -11,6 +11,7 @@ nothing: JAX detects the cluster itself.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import sys
 
@@ -118,9 +119,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise app.UsageError(message) from e
 
 
+class _QuietLibraries(logging_std.Filter):
+    """Keeps the console to our own lines: libraries' INFO chatter (orbax logs a dozen
+    lines per checkpoint) is dropped; their warnings and errors still show."""
+
+    NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/', '/absl/')
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or not any(
+            part in record.pathname for part in self.NOISY
+        )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     # tf.data only: keep TensorFlow off the accelerators JAX uses.
     import tensorflow as tf
 

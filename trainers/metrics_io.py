@@ -46,9 +46,8 @@ class MetricsLogger:
         self._last_step = None
         if self.is_main:
             os.makedirs(workdir, exist_ok=True)
-            self._writer = metric_writers.create_default_writer(
-                workdir, just_logging=False, asynchronous=True
-            )
+            # TensorBoard only: the console line is written by write_train/write_eval.
+            self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
             self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
         else:
             self._writer = None

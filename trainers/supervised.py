@@ -158,6 +158,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mesh=mesh,
         shard_params=config.get('shard_params', False),
     )
+    logging.info(
+        'Training %s (%s parameters) on %s: %d devices in %d process(es), global batch %d, '
+        '%d steps, compute %s.',
+        config.model, f'{sum(x.size for x in jax.tree.leaves(state.params)):,}', config.dataset,
+        jax.device_count(), pc, config.batch_size, total, config.get('compute_dtype', 'float32'),
+    )
     meta = {
         'model': config.model,
         'model_kwargs': model_overrides(config),
