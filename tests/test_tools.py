@@ -23,3 +23,26 @@ def test_readme_block_is_replaced(tmp_path):
     readme.write_text(f'intro\n{model_table.README_START}\nold\n{model_table.README_END}\nend\n')
     model_table.update_readme('| new |', str(readme))
     assert readme.read_text() == f'intro\n{model_table.README_START}\n| new |\n{model_table.README_END}\nend\n'
+
+
+def test_benchmark_reports_throughput_compile_time_and_memory():
+    from tools import benchmark
+
+    out = benchmark.main(['--model', 'resnet_tiny', '--batch-size', '4', '--resolution', '16',
+                          '--steps', '2', '--warmup', '0', '--json'])
+    f = out['flaxnets']
+    assert f['train_images_per_sec'] > 0 and f['infer_images_per_sec'] > 0
+    assert f['train_compile_s'] > 0 and f['infer_compile_s'] > 0
+    assert f['compiled_footprint_mb'] > 0
+
+
+def test_benchmark_compares_with_the_reference_implementation():
+    import pytest
+
+    pytest.importorskip('torchvision')
+    from tools import benchmark
+
+    out = benchmark.main(['--model', 'resnet18', '--batch-size', '2', '--resolution', '32',
+                          '--steps', '1', '--warmup', '0', '--compare-timm', '--json'])
+    assert out['reference']['reference'].startswith(('timm', 'torchvision'))
+    assert out['ratio_train_images_per_sec'] > 0 and out['ratio_infer_images_per_sec'] > 0
