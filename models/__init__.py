@@ -4,6 +4,13 @@ Importing the package registers every family (one module per family).
 """
 
 from models import lenet, resnet  # noqa: F401  (imported to register their models)
+from models import senet  # noqa: F401
+from models import resnetv2  # noqa: F401
+from models import wrn  # noqa: F401
+from models import alexnet  # noqa: F401
+from models import vgg  # noqa: F401
+from models import mobilenet  # noqa: F401
+from models import shufflenet  # noqa: F401
 from models.convert import ConversionError, convert_state_dict, export_state_dict
 from models.registry import (
     ModelCfg,

@@ -281,3 +281,87 @@ def torch_linear_init(fan_in: int) -> tuple[Callable[..., Any], Callable[..., An
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return kernel_init, bias_init
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``).
+
+    The channel rounding of timm's ``SEModule`` (``round_limit=0``: never bumped up when
+    rounding lost more than 10%), so reduced SE widths match timm's parameter counts.
+    """
+    min_value = min_value or divisor
+    return max(min_value, int(value + divisor / 2) // divisor * divisor)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation channel gate (Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018).
+
+    Global average pool ("squeeze"), a bottleneck of two fully connected layers with
+    ``act`` in between, and ``gate`` (sigmoid) on the result ("excitation"), which scales
+    the input per channel (Fig. 1 / Sec. 3 of the paper; reduction ratio r = 16, Sec. 6.1).
+
+    The two layers are named ``fc1`` / ``fc2`` (as timm's ``SEModule`` and the legacy
+    SENet's ``se_module``). ``use_conv=True`` stores them as 1x1 convolutions, kernel
+    (1, 1, C, R), which is how timm and Caffe-era SENets hold them, so their weights map with
+    the ``'conv'`` leaf kind; ``use_conv=False`` uses dense layers, kernel (C, R), which
+    some ports (e.g. TF EfficientNets' reshaped 1x1 convs) need. Both compute the same.
+
+    The gate layers are never weight-standardised and have no norm: they act on a 1x1
+    pooled vector, and the references keep plain biased layers in the GN/WS twins too.
+
+    Attributes:
+        rd_ratio: reduced width as a fraction of the input channels (1/r).
+        rd_channels: explicit reduced width; overrides ``rd_ratio``.
+        rd_divisor: reduced width rounded to a multiple of this (8 in timm's ResNets; 1
+            gives ``round(C * rd_ratio)``, equal to ``C // r`` whenever r divides C).
+        act: activation between the two layers.
+        gate: gating function applied to the excitation.
+        use_conv: 1x1 convolutions (True) or dense layers (False); see above.
+        use_bias: biases on both layers (True in every reference).
+        dtype: compute dtype; the squeeze mean is taken in float32.
+        kernel_init: initialiser of both kernels (torch ResNets: kaiming-normal fan_out).
+    """
+
+    rd_ratio: float = 1.0 / 16
+    rd_channels: int | None = None
+    rd_divisor: int = 8
+    act: Callable[[jax.Array], jax.Array] = nn.relu
+    gate: Callable[[jax.Array], jax.Array] = nn.sigmoid
+    use_conv: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable[..., Any] = kaiming_normal_fan_out
+
+    def reduced_channels(self, channels: int) -> int:
+        """Width of the bottleneck for an input of ``channels`` channels."""
+        if self.rd_channels:
+            return self.rd_channels
+        return make_divisible(channels * self.rd_ratio, self.rd_divisor, min_value=1)
+
+    def _layer(self, features: int, fan_in: int, name: str) -> nn.Module:
+        # torch's default bias init (uniform +-1/sqrt(fan_in)) for Conv2d and Linear alike.
+        _, bias_init = torch_linear_init(fan_in)
+        common = dict(
+            features=features,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=self.kernel_init,
+            bias_init=bias_init,
+            name=name,
+        )
+        if self.use_conv:
+            return nn.Conv(kernel_size=(1, 1), **common)
+        return nn.Dense(**common)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        reduced = self.reduced_channels(channels)
+        s = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)), keepdims=self.use_conv)
+        s = s.astype(self.dtype)
+        s = self.act(self._layer(reduced, channels, 'fc1')(s))
+        s = self.gate(self._layer(channels, reduced, 'fc2')(s))
+        if not self.use_conv:
+            s = s.reshape(s.shape[0], *(1,) * (x.ndim - 2), channels)
+        return x * s.astype(x.dtype)

@@ -154,6 +154,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
+def example_losses(logits: jax.Array, batch: dict, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example cross-entropy against `batch['targets']` (soft, e.g. mixup or
+    pseudo-labels) when present, else against the integer `batch['label']`.
+
+    Label smoothing applies to either: targets become (1 - s) * targets + s / K.
+    """
+    if 'targets' not in batch:
+        return cross_entropy(logits, batch['label'], label_smoothing)
+    targets = batch['targets'].astype(jnp.float32)
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     """1.0 where the label is among the k highest logits (ties broken by index)."""
     k = min(k, logits.shape[-1])
@@ -171,6 +185,11 @@ def make_train_step(
     config: ml_collections.ConfigDict,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure supervised step: (state, batch) -> (state, metrics). Not yet jitted.
+
+    The batch holds 'image' and 'label', optionally 'targets' (soft targets, used for the
+    loss instead of 'label') and 'weight' (per-example loss weights that sum to the
+    intended normalisation; without it the loss is the batch mean). Teacher-student
+    trainers feed labeled and pseudo-labeled examples through this same step that way.
 
     Dropout and stochastic-depth randomness comes from fold_in(seed, step), so a resumed
     run draws exactly what the uninterrupted run drew.
@@ -191,7 +210,11 @@ def make_train_step(
                 mutable=['batch_stats'] if has_bn else [],
                 rngs={'dropout': rng},
             )
-            loss = cross_entropy(out, batch['label'], label_smoothing).mean()
+            per_example = example_losses(out, batch, label_smoothing)
+            if 'weight' in batch:
+                loss = jnp.sum(per_example * batch['weight'])
+            else:
+                loss = per_example.mean()
             return loss, (out, mutated)
 
         (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
