@@ -7,6 +7,8 @@ from models import lenet, resnet  # noqa: F401  (imported to register their mode
 from models import senet  # noqa: F401
 from models import resnetv2  # noqa: F401
 from models import wrn  # noqa: F401
+from models import densenet  # noqa: F401
+from models import nfnet  # noqa: F401
 from models import alexnet  # noqa: F401
 from models import vgg  # noqa: F401
 from models import mobilenet  # noqa: F401
