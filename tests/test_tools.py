@@ -46,3 +46,24 @@ def test_benchmark_compares_with_the_reference_implementation():
                           '--steps', '1', '--warmup', '0', '--compare-timm', '--json'])
     assert out['reference']['reference'].startswith(('timm', 'torchvision'))
     assert out['ratio_train_images_per_sec'] > 0 and out['ratio_infer_images_per_sec'] > 0
+
+
+def test_optimizer_with_adaptive_gradient_clipping_clips_units():
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from trainers import optim
+
+    config = ml_collections.ConfigDict(dict(
+        batch_size=8, num_train_steps=10, learning_rate=1.0, lr_base_batch_size=0,
+        schedule=dict(name='constant', warmup_steps=0), grad_clip_norm=0.0,
+        optimizer=dict(name='sgd', momentum=0.0, weight_decay=0.0, agc_clipping=0.01),
+    ))
+    tx = optim.create_optimizer(config, optim.create_schedule(config))
+    params = {'conv': {'kernel': jnp.ones((1, 1, 1, 2))}, 'fc': {'kernel': jnp.ones((2, 2))}}
+    grads = {'conv': {'kernel': jnp.full((1, 1, 1, 2), 5.0)}, 'fc': {'kernel': jnp.full((2, 2), 5.0)}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Each conv unit (|W| = 1) is clipped to |G| = 0.01; the classifier is left alone.
+    np.testing.assert_allclose(np.asarray(updates['conv']['kernel']), -0.01, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates['fc']['kernel']), -5.0, rtol=1e-6)

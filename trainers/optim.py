@@ -99,7 +99,8 @@ def create_optimizer(
     - 'lars': layer-wise adaptive rate scaling (You et al. 2017), no decay or trust ratio
       on biases and norm parameters.
     Weight decay skips biases and norm parameters unless
-    `optimizer.decay_norm_and_bias` is True.
+    `optimizer.decay_norm_and_bias` is True. `optimizer.agc_clipping` > 0 adds adaptive
+    gradient clipping (Brock et al. 2021; the classifier is not clipped).
     """
     oc = config.optimizer
     name = oc.name
@@ -112,6 +113,11 @@ def create_optimizer(
     momentum = oc.get('momentum', 0.9) or None
 
     parts = []
+    if oc.get('agc_clipping', 0.0):
+        # NFNets: unit-wise adaptive clipping instead of (or before) global-norm clipping.
+        from trainers.agc import adaptive_grad_clip
+
+        parts.append(adaptive_grad_clip(oc.agc_clipping, eps=oc.get('agc_eps', 1e-3)))
     if config.get('grad_clip_norm', 0.0):
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if name in ('sgd', 'rmsprop_tf') and wd:
