@@ -12,6 +12,8 @@ from models import nfnet  # noqa: F401
 from models import alexnet  # noqa: F401
 from models import vgg  # noqa: F401
 from models import mobilenet  # noqa: F401
+from models import squeezenet  # noqa: F401
+from models import mnasnet  # noqa: F401
 from models import shufflenet  # noqa: F401
 from models.convert import ConversionError, convert_state_dict, export_state_dict
 from models.registry import (

@@ -1,0 +1,203 @@
+"""SqueezeNet 1.0 and 1.1 as in torchvision.
+
+Iandola et al., "SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and <0.5MB
+model size", arXiv 2016. Fire modules (a 1x1 "squeeze" conv feeding parallel 1x1 and 3x3
+"expand" convs whose outputs are concatenated) with the widths of the paper's Table 1
+(v1.0); v1.1 is torchvision's cheaper variant (3x3/2 stem of 64 channels, pooling moved
+earlier). The classifier is dropout, a 1x1 conv to the classes, ReLU and global average
+pooling. Max-pools round up (torch ``ceil_mode=True``). Parameter counts equal
+torchvision's: 1,248,424 (1.0) and 1,235,496 (1.1).
+
+The reference has no normalisation: ``norm='none'`` (default) is the reference network;
+``norm='batch' | 'group'`` adds a norm after every conv of the body (the convs then have no
+bias), which is how the GroupNorm + weight-standardised twin is built. There are no
+residual branches, so there is no ``drop_path_rate``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import layers
+from models.convert import NameRule, register_name_map
+from models.registry import register_model
+
+_PAPER = (
+    'Iandola et al., "SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and '
+    '<0.5MB model size", arXiv 2016'
+)
+
+# Fire widths (squeeze, expand1x1, expand3x3) per stage; a 3x3/2 max-pool precedes every
+# stage after the first. Iandola et al. 2016, Table 1 (1.0); torchvision (1.1).
+SQUEEZENET_STAGES: dict[str, tuple[tuple[tuple[int, int, int], ...], ...]] = {
+    '1_0': (
+        ((16, 64, 64), (16, 64, 64), (32, 128, 128)),
+        ((32, 128, 128), (48, 192, 192), (48, 192, 192), (64, 256, 256)),
+        ((64, 256, 256),),
+    ),
+    '1_1': (
+        ((16, 64, 64), (16, 64, 64)),
+        ((32, 128, 128), (32, 128, 128)),
+        ((48, 192, 192), (48, 192, 192), (64, 256, 256), (64, 256, 256)),
+    ),
+}
+# version -> (stem channels, stem kernel).
+SQUEEZENET_STEMS: dict[str, tuple[int, int]] = {'1_0': (96, 7), '1_1': (64, 3)}
+
+# torchvision initialises the body convs with kaiming_uniform_ (gain sqrt(2), fan_in).
+_torch_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
+
+
+def _max_pool_ceil(x: jax.Array) -> jax.Array:
+    """3x3/2 max-pool with torch's ``ceil_mode=True``: pads the bottom/right with -inf."""
+    pads = []
+    for size in x.shape[1:3]:
+        out = math.ceil((size - 3) / 2) + 1
+        pads.append((0, (out - 1) * 2 + 3 - size))
+    return nn.max_pool(x, (3, 3), (2, 2), padding=pads)
+
+
+class Fire(nn.Module):
+    """Fire module (Iandola et al. 2016, Sec. 3.2).
+
+    Attributes:
+        squeeze: width of the squeeze 1x1 conv.
+        expand1x1: width of the 1x1 expand conv.
+        expand3x3: width of the 3x3 expand conv.
+        conv: conv constructor from :func:`layers.conv_factory`.
+        norm: norm constructor, or None for the reference network (biased convs).
+    """
+
+    squeeze: int
+    expand1x1: int
+    expand3x3: int
+    conv: Callable[..., nn.Module]
+    norm: Callable[..., nn.Module] | None = None
+
+    def _conv_act(self, x: jax.Array, features: int, kernel: int, name: str) -> jax.Array:
+        x = self.conv(features, kernel, use_bias=self.norm is None, name=name)(x)
+        if self.norm is not None:
+            x = self.norm(name=f'{name}_norm')(x)
+        return nn.relu(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self._conv_act(x, self.squeeze, 1, 'squeeze')
+        return jnp.concatenate(
+            [self._conv_act(x, self.expand1x1, 1, 'expand1x1'), self._conv_act(x, self.expand3x3, 3, 'expand3x3')],
+            axis=-1,
+        )
+
+
+class SqueezeNet(nn.Module):
+    """SqueezeNet (torchvision layout; our module names mirror ``features.K``).
+
+    Attributes:
+        version: ``'1_0'`` or ``'1_1'`` (keys of :data:`SQUEEZENET_STAGES`).
+        num_classes: classifier size; 0 returns the pooled features of the last Fire.
+        norm: ``'none'`` (reference), ``'batch'`` or ``'group'``.
+        gn_groups: groups when ``norm='group'``.
+        weight_std: weight-standardised convs (body and classifier conv).
+        dtype: compute dtype; parameters and logits are float32.
+        drop_rate: dropout before the classifier conv (0.5 in the reference).
+    """
+
+    version: str = '1_0'
+    num_classes: int = 1000
+    norm: str = 'none'
+    gn_groups: int = 32
+    weight_std: bool = False
+    dtype: layers.Dtype = jnp.float32
+    drop_rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """Applies the network to NHWC images.
+
+        Args:
+            x: images, (B, H, W, C).
+            train: batch statistics and dropout on.
+            return_features: also return ``{'stem', 'stage1'..'stage3', 'pre_logits'}``.
+
+        Returns:
+            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
+            and the feature dict when ``return_features``.
+        """
+        if self.version not in SQUEEZENET_STAGES:
+            raise ValueError(f'version must be one of {sorted(SQUEEZENET_STAGES)}, got {self.version!r}')
+        conv = layers.conv_factory(self.weight_std, self.dtype, 'valid', kernel_init=_torch_conv_init)
+        norm = None if self.norm == 'none' else layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
+        features = {}
+
+        x = x.astype(self.dtype)
+        width, kernel = SQUEEZENET_STEMS[self.version]
+        x = conv(width, kernel, 2, use_bias=norm is None, name='features_0')(x)
+        if norm is not None:
+            x = norm(name='features_0_norm')(x)
+        x = _max_pool_ceil(nn.relu(x))
+        features['stem'] = x
+
+        # Our names carry torchvision's Sequential index: conv 0, ReLU 1, pool 2, then Fire
+        # modules with one pool between stages.
+        index = 3
+        for s, stage in enumerate(SQUEEZENET_STAGES[self.version]):
+            if s > 0:
+                x = _max_pool_ceil(x)
+                index += 1
+            for squeeze, e1, e3 in stage:
+                # 3x3 expand convs pad by 1 (torchvision); the 1x1 convs need none.
+                fire_conv = _fire_conv(conv)
+                x = Fire(squeeze, e1, e3, fire_conv, norm, name=f'features_{index}')(x)
+                index += 1
+            features[f'stage{s + 1}'] = x
+
+        features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if not self.num_classes:
+            x = features['pre_logits']
+            return (x, features) if return_features else x
+        x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
+        # torchvision: normal(0, 0.01) for the final conv, bias 0.
+        x = conv(
+            self.num_classes, 1, use_bias=True, kernel_init=nn.initializers.normal(0.01), name='classifier_1'
+        )(x)
+        x = jnp.mean(nn.relu(x).astype(jnp.float32), axis=(1, 2))
+        return (x, features) if return_features else x
+
+
+def _fire_conv(conv: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    def make(features: int, kernel: int, *args, **kwargs) -> nn.Module:
+        return conv(features, kernel, *args, padding='symmetric' if kernel == 3 else 'valid', **kwargs)
+
+    return make
+
+
+# torchvision names (features.K.squeeze / .expand1x1 / .expand3x3, classifier.1); the norm
+# layers of the norm='batch'|'group' twins have no reference counterpart.
+register_name_map(
+    'squeezenet',
+    (
+        NameRule('features.0', 'features_0', 'conv'),
+        NameRule('features.{i}.squeeze', 'features_{i}/squeeze', 'conv'),
+        NameRule('features.{i}.expand1x1', 'features_{i}/expand1x1', 'conv'),
+        NameRule('features.{i}.expand3x3', 'features_{i}/expand3x3', 'conv'),
+        NameRule('classifier.1', 'classifier_1', 'conv'),
+    ),
+)
+
+
+# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256 bilinear).
+@register_model(top1=58.092, paper=_PAPER)
+def squeezenet1_0(**kwargs) -> SqueezeNet:
+    """SqueezeNet 1.0, 1,248,424 parameters (torchvision)."""
+    return SqueezeNet(**{'version': '1_0', **kwargs})
+
+
+@register_model(top1=58.178, paper=_PAPER)
+def squeezenet1_1(**kwargs) -> SqueezeNet:
+    """SqueezeNet 1.1, 1,235,496 parameters (torchvision)."""
+    return SqueezeNet(**{'version': '1_1', **kwargs})
