@@ -11,6 +11,8 @@ from models import densenet  # noqa: F401
 from models import nfnet  # noqa: F401
 from models import alexnet  # noqa: F401
 from models import vgg  # noqa: F401
+from models import inception  # noqa: F401
+from models import inception_v4  # noqa: F401
 from models import mobilenet  # noqa: F401
 from models import squeezenet  # noqa: F401
 from models import mnasnet  # noqa: F401

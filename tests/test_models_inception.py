@@ -1,0 +1,323 @@
+"""Tests of the Inception families (models/inception.py, models/inception_v4.py).
+
+Parameter counts against torchvision/timm (numbers hard-coded below, with their source),
+BN-Inception against its paper table, logits parity with converted random-init reference
+weights, forward/backward in both norm modes, feature shapes and the auxiliary heads.
+Parity runs at 299 px only for Inception v3 (the family's representative); the other
+models run at small odd resolutions to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import models
+from models import inception, inception_v4
+
+torch = pytest.importorskip('torch')
+torchvision = pytest.importorskip('torchvision')
+timm = pytest.importorskip('timm')
+
+from parity import assert_logits_match, numpy_state_dict, randomize_norms  # noqa: E402
+
+# sum(p.numel() for p in m.parameters()) of the references, torch 2.14 / torchvision 0.29.1 /
+# timm 1.0.29: torchvision.models.googlenet(aux_logits=False|True, init_weights=True),
+# timm.create_model('inception_v3' [, aux_logits=True]), timm 'inception_v4',
+# timm 'inception_resnet_v2'. googlenet and inception_v3 with aux equal torchvision's
+# documented num_params (6,624,904 and 27,161,264).
+REFERENCE_PARAMS = {
+    ('googlenet', False): 6_624_904,
+    ('googlenet', True): 13_004_888,
+    ('inception_v3', False): 23_834_568,
+    ('inception_v3', True): 27_161_264,
+    ('inception_v4', False): 42_679_816,
+    ('inception_resnet_v2', False): 55_843_464,
+}
+SMALL = {'googlenet': 64, 'bn_inception': 64, 'inception_v3': 75, 'inception_v4': 75, 'inception_resnet_v2': 75}
+FAST_COMPILE = {
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+    'xla_cpu_use_fusion_emitters': False,
+}
+
+
+def _abstract_variables(model, size, batch=1):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3)), train=False))
+
+
+def _num_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _random_variables(model, size, seed=0):
+    """Concrete variables with the model's structure, without compiling ``init``."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name == 'var':
+            return (rng.random(s.shape) + 0.5).astype(s.dtype)
+        if name == 'scale':
+            return (rng.random(s.shape) + 0.5).astype(s.dtype)
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        std = math.sqrt(2.0 / fan_in) if len(s.shape) > 1 else 0.1
+        return (rng.standard_normal(s.shape) * std).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, size))
+
+
+def _he_reinit(torch_model) -> None:
+    """LeCun-normal conv/linear weights: timm's Inception v3 init (N(0, 0.1) on every conv)
+    with randomised BN statistics gives ~1e9 logits, where float32 cannot resolve 1e-4."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in torch_model.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / math.sqrt(m.weight[0].numel()))
+
+
+# --------------------------------------------------------------------------- param counts
+
+
+@pytest.mark.parametrize('name, aux', sorted(REFERENCE_PARAMS))
+def test_param_count_matches_reference(name, aux):
+    kwargs = {'aux_logits': True} if aux else {}
+    model = models.create_model(name, **kwargs)
+    variables = _abstract_variables(model, SMALL[name])
+    assert _num_params(variables['params']) == REFERENCE_PARAMS[name, aux]
+    if not aux:
+        twin = models.create_model(name, norm='group', weight_std=True)
+        twin_vars = _abstract_variables(twin, SMALL[name])
+        # GN scale/bias replace BN scale/bias one for one; no batch_stats.
+        assert set(twin_vars) == {'params'}
+        assert _num_params(twin_vars['params']) == REFERENCE_PARAMS[name, aux]
+
+
+def _figure5_param_count(num_classes: int) -> int:
+    """Parameters implied by Ioffe & Szegedy 2015 Figure 5, computed from the table alone:
+    every conv is k*k*in*out weights + BN scale and offset (2*out), no conv bias."""
+
+    def conv(k, cin, cout):
+        return k * k * cin * cout + 2 * cout
+
+    total = conv(7, 3, 64) + conv(1, 64, 64) + conv(3, 64, 192)
+    width = 192
+    for stage in inception.BN_INCEPTION_STAGES:
+        for _, _, c1, r3, c3, rd, d3, _, pp in stage:
+            total += (conv(1, width, c1) if c1 else 0) + conv(1, width, r3) + conv(3, r3, c3)
+            total += conv(1, width, rd) + conv(3, rd, d3) + conv(3, d3, d3)
+            total += conv(1, width, pp) if pp else 0
+            width = c1 + c3 + d3 + (pp if pp else width)
+    assert width == 1024  # Figure 5: 7x7x1024 before the average pool
+    return total + (width * num_classes + num_classes if num_classes else 0)
+
+
+def test_bn_inception_follows_figure5():
+    # Rows of Figure 5 (#1x1, #3x3 reduce, #3x3, double #3x3 reduce, double #3x3, pool proj).
+    rows = {row[0]: row[2:] for stage in inception.BN_INCEPTION_STAGES for row in stage}
+    assert rows['inception3a'] == (64, 64, 64, 64, 96, 'avg', 32)
+    assert rows['inception3c'] == (0, 128, 160, 64, 96, 'max', 0)
+    assert rows['inception4e'] == (0, 128, 192, 192, 256, 'max', 0)
+    assert rows['inception5b'] == (352, 192, 320, 192, 224, 'max', 128)
+    for num_classes in (1000, 0):
+        model = models.create_model('bn_inception', num_classes=num_classes)
+        variables = _abstract_variables(model, 224)
+        ours = _num_params(variables['params'])
+        assert ours == _figure5_param_count(num_classes)
+    assert _figure5_param_count(1000) == 11_285_224  # the figure in the docstring
+    # Output shapes at 224 px (Figure 5 "output size" column; 4c/4d/4e see the docstring).
+    logits, feats = jax.eval_shape(
+        functools.partial(model.clone(num_classes=1000).apply, return_features=True),
+        _abstract_variables(model.clone(num_classes=1000), 224),
+        jnp.zeros((2, 224, 224, 3)),
+    )
+    assert logits.shape == (2, 1000)
+    assert {k: v.shape for k, v in feats.items()} == {
+        'stem': (2, 28, 28, 192),
+        'stage1': (2, 28, 28, 320),
+        'stage2': (2, 14, 14, 608),
+        'stage3': (2, 7, 7, 1024),
+        'pre_logits': (2, 1024),
+    }
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize('resolution', [224, 193])
+def test_googlenet_parity(resolution):
+    ref = torchvision.models.googlenet(aux_logits=False, init_weights=True)
+    assert assert_logits_match('googlenet', ref, resolution=resolution, batch=1) <= 1e-4
+
+
+def test_googlenet_aux_heads_match_torchvision_in_train_mode():
+    torch.manual_seed(0)
+    ref = torchvision.models.googlenet(aux_logits=True, init_weights=True, dropout=0.0, dropout_aux=0.0)
+    randomize_norms(ref)
+    variables = models.convert_state_dict('googlenet', numpy_state_dict(ref), aux_logits=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    ref.train()
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x))
+    model = models.create_model('googlenet', aux_logits=True, drop_rate=0.0, aux_drop_rate=0.0)
+    logits, state = model.apply(
+        variables, x.transpose(0, 2, 3, 1), train=True, mutable=['batch_stats', 'intermediates']
+    )
+    aux = state['intermediates']
+    np.testing.assert_allclose(logits, expected.logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(aux['aux_logits1'][0], expected.aux_logits1.numpy(), atol=1e-4)
+    np.testing.assert_allclose(aux['aux_logits2'][0], expected.aux_logits2.numpy(), atol=1e-4)
+    # Train mode without 'intermediates' mutable: logits only, nothing sown.
+    out, state = model.apply(variables, x.transpose(0, 2, 3, 1), train=True, mutable=['batch_stats'])
+    assert set(state) == {'batch_stats'} and out.shape == (2, 1000)
+
+
+def test_inception_v3_aux_weights_convert():
+    ref = timm.create_model('inception_v3', aux_logits=True)
+    variables = models.convert_state_dict('inception_v3', numpy_state_dict(ref), aux_logits=True)
+    assert variables['params']['AuxLogits']['conv1']['conv']['kernel'].shape == (5, 5, 128, 768)
+    assert variables['params']['AuxLogits']['fc']['kernel'].shape == (768, 1000)
+
+
+@pytest.mark.parametrize('resolution', [299, 203])
+def test_inception_v3_parity(resolution):
+    ref = timm.create_model('inception_v3')
+    _he_reinit(ref)
+    assert assert_logits_match('inception_v3', ref, resolution=resolution, batch=1) <= 1e-4
+
+
+@pytest.mark.parametrize('name', ['inception_v4', 'inception_resnet_v2'])
+def test_inception_v4_family_parity(name):
+    ref = timm.create_model(name)
+    assert assert_logits_match(name, ref, resolution=107, batch=1) <= 1e-4
+
+
+def test_bn_inception_state_dict_round_trip():
+    model = models.create_model('bn_inception')
+    variables = _random_variables(model, 64)
+    state_dict = models.export_state_dict('bn_inception', variables)
+    assert state_dict['inception3c.branch3.2.conv.weight'].shape == (96, 96, 3, 3)
+    assert state_dict['inception5b.branch4.1.bn.running_var'].shape == (128,)
+    assert 'inception3c.branch1.conv.weight' not in state_dict  # stride-2 modules: no 1x1
+    chex.assert_trees_all_equal(models.convert_state_dict('bn_inception', state_dict), variables)
+
+
+# ---------------------------------------------------------------- forward and backward
+
+
+_IRV2_SHORT = tuple(
+    tuple(row[:3] + (min(row[3], 1),) + row[4:] for row in stage)
+    for stage in inception_v4.INCEPTION_RESNET_V2_STAGES
+)
+
+
+def _train_step(model, variables, x, labels):
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {**variables, 'params': params},
+            x,
+            train=True,
+            mutable=['batch_stats'],
+            rngs={'dropout': jax.random.key(2)},
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
+
+    def run(variables, x):
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+        return loss, logits, updates, grads
+
+    return jax.jit(run).lower(variables, x).compile(FAST_COMPILE)(variables, x)
+
+
+@pytest.mark.parametrize(
+    'name, overrides',
+    [
+        ('googlenet', {}),
+        ('bn_inception', {'norm': 'group', 'weight_std': True}),
+        # One residual unit per stage (the stage table is a field): compiling the gradient
+        # of all 40 units costs minutes on CPU; the block code is the same.
+        (
+            'inception_resnet_v2',
+            {'norm': 'group', 'weight_std': True, 'drop_path_rate': 0.2, 'stages': _IRV2_SHORT},
+        ),
+    ],
+)
+def test_forward_backward(name, overrides):
+    model = models.create_model(name, num_classes=10, **overrides)
+    size = SMALL[name]
+    variables = _random_variables(model, size)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
+    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    chex.assert_shape(logits, (2, 10))
+    assert logits.dtype == jnp.float32
+    chex.assert_tree_all_finite((loss, logits, grads))
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    if model.norm == 'batch':
+        old, new = jax.tree.leaves(variables['batch_stats']), jax.tree.leaves(updates['batch_stats'])
+        assert len(old) == len(new) > 0
+        assert all(not np.allclose(o, n) for o, n in zip(old, new, strict=True))
+    else:
+        assert 'batch_stats' not in variables and updates == {}
+
+
+# ---------------------------------------------------------------------------- features
+
+FEATURE_SHAPES = {
+    # name: (resolution, {feature: shape without batch})
+    'googlenet': (224, {'stem': (28, 28, 192), 'stage1': (28, 28, 480), 'stage2': (14, 14, 832),
+                        'stage3': (7, 7, 1024), 'pre_logits': (1024,)}),
+    'inception_v3': (299, {'stem': (35, 35, 192), 'stage1': (35, 35, 288), 'stage2': (17, 17, 768),
+                           'stage3': (8, 8, 2048), 'pre_logits': (2048,)}),
+    'inception_v4': (299, {'stem': (35, 35, 384), 'stage1': (35, 35, 384), 'stage2': (17, 17, 1024),
+                           'stage3': (8, 8, 1536), 'pre_logits': (1536,)}),
+    'inception_resnet_v2': (299, {'stem': (35, 35, 320), 'stage1': (35, 35, 320),
+                                  'stage2': (17, 17, 1088), 'stage3': (8, 8, 1536),
+                                  'pre_logits': (1536,)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize('name', sorted(FEATURE_SHAPES))
+def test_return_features_and_headless(name):
+    size, shapes = FEATURE_SHAPES[name]
+    model = models.create_model(name)
+    x = jnp.zeros((2, size, size, 3))
+    variables = _abstract_variables(model, SMALL[name])
+    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
+    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+    assert {k: v.shape[1:] for k, v in feats.items()} == shapes
+    headless = models.create_model(name, num_classes=0)
+    head_vars = _abstract_variables(headless, SMALL[name])
+    pooled = jax.eval_shape(headless.apply, head_vars, x)
+    assert pooled.shape == (2, shapes['pre_logits'][0]) and pooled.dtype == jnp.float32
+    assert _num_params(head_vars['params']) == _num_params(variables['params']) - 1000 * (shapes['pre_logits'][0] + 1)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = models.create_model('inception_v4', dtype=jnp.bfloat16)
+    variables = _abstract_variables(model, 75)
+    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, jnp.zeros((1, 75, 75, 3)))
+    assert logits.dtype == jnp.float32 and feats['stage3'].dtype == jnp.bfloat16
+
+
+def test_registry_cfgs():
+    assert set(models.list_models('*inception*')) >= {
+        'bn_inception', 'inception_v3', 'inception_v4', 'inception_resnet_v2'
+    }
+    assert models.get_model_cfg('googlenet').input_size == (224, 224, 3)
+    for name in ('inception_v3', 'inception_v4', 'inception_resnet_v2'):
+        cfg = models.get_model_cfg(name)
+        assert cfg.input_size == (299, 299, 3) and cfg.mean == (0.5, 0.5, 0.5)
+        assert cfg.interpolation == 'bicubic'
+    assert models.get_model_cfg('inception_resnet_v2').crop_pct == 0.8975
+    assert inception_v4.InceptionResNetV2().drop_path_rate == 0.0
+    with pytest.raises(TypeError, match='drop_path_rate'):
+        models.create_model('inception_v4', drop_path_rate=0.1)  # no residual branches
