@@ -20,7 +20,26 @@ from input_pipeline import builders as _builders  # noqa: F401  (registers the d
 from input_pipeline import sources
 from input_pipeline.config import default_data_config
 from input_pipeline.pipeline import create_eval_iterator, create_train_iterator
-from input_pipeline.sources import DatasetInfo, DatasetNotAvailableError
+from input_pipeline.sources import (
+    ArraySource,
+    DatasetInfo,
+    DatasetNotAvailableError,
+    per_class_indices,
+)
+
+
+def load_source(data_config, dataset: str, split: str) -> ArraySource:
+    """A whole split held in host memory for random access (subsets, pseudo-labels).
+
+    Args:
+        data_config: `config.data` (its `data_dir` and `download` are used).
+        dataset: tfds name or `'folder:/path/to/root'`.
+        split: split name (tfds slicing allowed).
+    """
+    if sources.is_folder(dataset):
+        return sources.folder_source(dataset, split)
+    builder = sources.get_builder(dataset, data_config.data_dir, data_config.download)
+    return sources.load_in_memory(builder, split)
 
 
 def get_dataset_info(
@@ -43,10 +62,13 @@ def get_dataset_info(
 
 
 __all__ = [
+    'ArraySource',
     'DatasetInfo',
     'DatasetNotAvailableError',
     'create_eval_iterator',
     'create_train_iterator',
     'default_data_config',
     'get_dataset_info',
+    'load_source',
+    'per_class_indices',
 ]

@@ -42,6 +42,35 @@ def default_data_config() -> ml_collections.ConfigDict:
         prefetch: host batches prepared ahead of the trainer.
         num_parallel_calls: threads for decoding and augmentation; -1 lets
             tf.data tune it.
+
+    Extra training augmentation (all off by default; see `augment.py` for the
+    op definitions and the magnitude scale). The per-example policies run after
+    the crop / flip on uint8-range pixels, before normalisation; mixing runs on
+    the batch, also before normalisation. Eval is never augmented.
+
+        randaugment_layers: RandAugment's N, ops applied per image; 0 = off.
+        randaugment_magnitude: RandAugment's M on the EfficientNet / TF scale:
+            10 is the maximum of the paper's op ranges (9 is its ImageNet
+            ResNet-50 setting), values up to 30 extrapolate; 0 is the identity.
+        randaugment_ops: 'imagenet' (the paper's 14 ops), 'digits' (no colour,
+            inversion or histogram ops, smaller rotations / shears / shifts,
+            plus Cutout) or a comma-separated list such as
+            'Rotate,ShearX,Cutout'.
+        randaugment_magnitude_std: per-op Gaussian noise on M (timm's mstd);
+            inf draws M uniformly from [0, M]; 0 = fixed M.
+        autoaugment: '' (off) or 'imagenet' (the 25 sub-policies of Cubuk et
+            al. 2019, Table 9). Exclusive with RandAugment.
+        mixup_alpha: Beta(alpha, alpha) of mixup (Zhang et al. 2018); 0 = off.
+        cutmix_alpha: Beta(alpha, alpha) of CutMix (Yun et al. 2019); 0 = off.
+        mix_prob: probability that a batch is mixed when either alpha is > 0.
+        mix_switch_prob: probability of CutMix rather than mixup when both
+            alphas are > 0.
+
+    With mixing on, train batches carry 'targets' (float32 soft labels,
+    (b, num_classes)); 'label' stays each row's own label. Row i of global batch
+    s is mixed with row B - 1 - i, so batches do not depend on the process count
+    (random-access path; the streaming path, whose order already depends on it,
+    mixes within each process's batch). Label smoothing is left to the trainer.
     """
     config = ml_collections.ConfigDict()
     config.data_dir = ml_collections.FieldReference(None, field_type=str)
@@ -59,4 +88,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.in_memory = ml_collections.FieldReference('auto', field_type=object)
     config.prefetch = 2
     config.num_parallel_calls = -1
+    config.randaugment_layers = 0
+    config.randaugment_magnitude = 9.0
+    config.randaugment_ops = 'imagenet'
+    config.randaugment_magnitude_std = 0.0
+    config.autoaugment = ''
+    config.mixup_alpha = 0.0
+    config.cutmix_alpha = 0.0
+    config.mix_prob = 1.0
+    config.mix_switch_prob = 0.5
     return config

@@ -17,6 +17,15 @@ Streaming path (splits too large for memory, e.g. imagenet2012 train)
     order is then a function of (seed, step, process_count): resuming with the
     same number of processes reproduces the batches, changing it does not.
     Augmentation seeds are derived as above.
+
+mixup / CutMix (`config.data.mixup_alpha`, `cutmix_alpha`)
+    Row i of global batch s is mixed with row B-1-i, with lam and the CutMix box
+    drawn from (seed, s). Process p's partners are the rows of process P-1-p,
+    which it preprocesses itself (their augmentation seeds are their stream
+    positions), so the mixed batch is still a pure function of (seed, s) and
+    slices concatenate to the single-process batch. That costs twice the
+    per-example work on processes other than the middle one. The streaming path
+    mixes each process's batch with itself reversed.
 """
 
 import itertools
@@ -27,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import preprocess, sources
+from input_pipeline import augment, preprocess, sources
 
 
 def _process_layout(global_batch_size, process_index, process_count) -> tuple[int, int, int]:
@@ -51,9 +60,13 @@ def _num_parallel_calls(data_config) -> int:
     return tf.data.AUTOTUNE if n is None or n < 0 else n
 
 
-def _finish(ds: tf.data.Dataset, data_config, fn, local_batch: int) -> tf.data.Dataset:
+def _finish(
+    ds: tf.data.Dataset, data_config, fn, local_batch: int, batch_stage=None
+) -> tf.data.Dataset:
     ds = ds.map(fn, num_parallel_calls=_num_parallel_calls(data_config))
     ds = ds.batch(local_batch, drop_remainder=True)
+    if batch_stage is not None:
+        ds = batch_stage(ds)
     ds = ds.prefetch(data_config.prefetch)
     return ds.with_options(sources.deterministic_options())
 
@@ -64,6 +77,8 @@ def _element_signature(source: sources.ArraySource, eval_mode: bool) -> dict:
     else:
         x = tf.TensorSpec((None,), tf.string)
     signature = {'x': x, 'label': tf.TensorSpec((None,), tf.int32)}
+    for key, value in source.extras.items():
+        signature[key] = tf.TensorSpec((None, *value.shape[1:]), tf.as_dtype(value.dtype))
     if eval_mode:
         signature['mask'] = tf.TensorSpec((None,), tf.float32)
     else:
@@ -97,10 +112,24 @@ class _EpochOrder:
 
 
 def _random_access_train(
-    source, data_config, fn, *, seed, start_step, global_batch, index, local_batch
+    source,
+    data_config,
+    fn,
+    *,
+    seed,
+    start_step,
+    global_batch,
+    index,
+    local_batch,
+    mix_stage=None,
+    partner=None,
 ) -> tf.data.Dataset:
     order = _EpochOrder(len(source), seed)
-    rows = index * local_batch + np.arange(local_batch, dtype=np.int64)
+    offsets = np.arange(local_batch, dtype=np.int64)
+    rows = index * local_batch + offsets
+    if mix_stage is not None and partner != index:
+        # The partner process's rows follow ours; `mix_stage` pairs them up.
+        rows = np.concatenate([rows, partner * local_batch + offsets])
 
     def generate():
         for step in itertools.count(start_step):
@@ -110,12 +139,44 @@ def _random_access_train(
                 'x': source.data[idx],
                 'label': source.labels[idx],
                 'seed': np.stack([np.full_like(positions, seed), positions], axis=1),
+                **{k: v[idx] for k, v in source.extras.items()},
             }
 
     ds = tf.data.Dataset.from_generator(
         generate, output_signature=_element_signature(source, eval_mode=False)
     )
-    return _finish(ds.unbatch(), data_config, fn, local_batch)
+    return _finish(ds.unbatch(), data_config, fn, len(rows), mix_stage)
+
+
+def _mix_stage(mixer, *, seed, start_step, local_batch, mean, std, channels, data_config):
+    """Returns ds -> ds that mixes each (unnormalised) batch, then normalises it.
+
+    A batch holds this process's `local_batch` rows, optionally followed by
+    its partner process's rows; local row j pairs with the last block's row
+    local_batch-1-j, which is global row B-1-i for global row i.
+    """
+
+    def mix(step, batch):
+        images, labels = batch['image'], batch['label']
+        own_images, own_labels = images[:local_batch], labels[:local_batch]
+        images, targets = mixer(
+            own_images,
+            own_labels,
+            tf.reverse(images[-local_batch:], [0]),
+            tf.reverse(labels[-local_batch:], [0]),
+            augment.batch_seed(seed, step),
+        )
+        return {
+            'image': preprocess.normalize(images, mean, std, channels),
+            'label': own_labels,
+            'targets': targets,
+        }
+
+    def stage(ds):
+        ds = ds.enumerate(start=start_step)
+        return ds.map(mix, num_parallel_calls=_num_parallel_calls(data_config))
+
+    return stage
 
 
 def _with_seeds(ds, *, seed, start_step, global_batch, index, local_batch):
@@ -130,8 +191,10 @@ def _with_seeds(ds, *, seed, start_step, global_batch, index, local_batch):
     return ds.map(add_seed)
 
 
-def _resolve(data_config, dataset: str, split: str):
+def _resolve(data_config, dataset: str, split: str, source=None):
     """Returns ('random_access', ArraySource) or ('streaming', builder)."""
+    if source is not None:
+        return 'random_access', source
     if sources.is_folder(dataset):
         return 'random_access', sources.folder_source(dataset, split)
     builder = sources.get_builder(dataset, data_config.data_dir, data_config.download)
@@ -154,6 +217,8 @@ def create_train_iterator(
     std,
     process_index: int | None = None,
     process_count: int | None = None,
+    num_classes: int | None = None,
+    source: sources.ArraySource | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields this process's part of global batches start_step, start_step + 1, ...
 
@@ -171,17 +236,46 @@ def create_train_iterator(
         std: per-channel (or scalar) std in [0, 1] pixel units.
         process_index: this process; default `jax.process_index()`.
         process_count: number of processes; default `jax.process_count()`.
+        num_classes: width of the mixup / CutMix targets; default the
+            dataset's number of classes. Unused without mixing.
+        source: examples to draw from instead of `dataset`/`split` (a subset
+            or a pseudo-labeled selection, see `load_source` and
+            `ArraySource.select`); `dataset`/`split` then only name it. Its
+            `extras` (e.g. 'targets') appear in the batches.
 
     Returns:
         An endless iterator of {'image': float32 (b, image_size, image_size,
-        channels), 'label': int32 (b,)} with b = global_batch_size // process_count.
+        channels), 'label': int32 (b,)} with b = global_batch_size // process_count,
+        plus 'targets' (float32 (b, num_classes) soft labels) when mixup or
+        CutMix is on.
 
     Raises:
         DatasetNotAvailableError: the dataset is missing (see `get_dataset_info`).
     """
     index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
-    mode, data = _resolve(data_config, dataset, split)
+    mode, data = _resolve(data_config, dataset, split, source)
     kind = data.kind if mode == 'random_access' else 'encoded'
+    if mode == 'random_access' and data.extras and augment.mixing_enabled(data_config):
+        raise ValueError(
+            'mixup/CutMix on a source with its own soft targets (pseudo-labels) is not '
+            'supported; set config.data.mixup_alpha and cutmix_alpha to 0 for it.'
+        )
+    mix_stage = None
+    if augment.mixing_enabled(data_config):
+        if num_classes is None:
+            num_classes = sources.dataset_info(
+                dataset, data_config.data_dir, data_config.download
+            ).num_classes
+        mix_stage = _mix_stage(
+            augment.batch_mixer(data_config, num_classes),
+            seed=seed,
+            start_step=start_step,
+            local_batch=local_batch,
+            mean=mean,
+            std=std,
+            channels=channels,
+            data_config=data_config,
+        )
     fn = preprocess.make_preprocess_fn(
         data_config,
         train=True,
@@ -190,6 +284,7 @@ def create_train_iterator(
         channels=channels,
         mean=mean,
         std=std,
+        normalize_images=mix_stage is None,
     )
     layout = dict(
         seed=seed,
@@ -199,7 +294,10 @@ def create_train_iterator(
         local_batch=local_batch,
     )
     if mode == 'random_access':
-        ds = _random_access_train(data, data_config, fn, **layout)
+        partner = count - 1 - index
+        ds = _random_access_train(
+            data, data_config, fn, mix_stage=mix_stage, partner=partner, **layout
+        )
     else:
         ds = sources.streaming_dataset(
             data,
@@ -214,7 +312,7 @@ def create_train_iterator(
         ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
         ds = ds.repeat()
         ds = ds.skip(start_step * local_batch)
-        ds = _finish(_with_seeds(ds, **layout), data_config, fn, local_batch)
+        ds = _finish(_with_seeds(ds, **layout), data_config, fn, local_batch, mix_stage)
     return ds.as_numpy_iterator()
 
 
@@ -230,6 +328,7 @@ def create_eval_iterator(
     std,
     process_index: int | None = None,
     process_count: int | None = None,
+    source: sources.ArraySource | None = None,
 ) -> tuple[Callable[[], Iterator[dict[str, np.ndarray]]], int]:
     """One pass over a split, every example exactly once, padded to full batches.
 
@@ -247,7 +346,7 @@ def create_eval_iterator(
         the split's size (sum of all masks over all processes).
     """
     index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
-    mode, data = _resolve(data_config, dataset, split)
+    mode, data = _resolve(data_config, dataset, split, source)
     kind = data.kind if mode == 'random_access' else 'encoded'
     fn = preprocess.make_preprocess_fn(
         data_config,
@@ -272,6 +371,7 @@ def create_eval_iterator(
                     'x': data.data[idx],
                     'label': data.labels[idx],
                     'mask': real.astype(np.float32),
+                    **{k: v[idx] for k, v in data.extras.items()},
                 }
 
         ds = tf.data.Dataset.from_generator(

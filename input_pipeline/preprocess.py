@@ -17,6 +17,10 @@ Two families, selected by `config.data.preprocess`:
         eval: `resize_small`: identity at the right size; symmetric zero padding
             when the target is larger by an even number of pixels (28 -> 32, as
             LeNet-5 pads MNIST); bilinear (or `interpolation`) resize otherwise.
+
+In training, RandAugment or AutoAugment (`augment.py`) follows the crop and flip,
+at the output size and before normalisation, keyed by its own seed folded from
+the example's.
 """
 
 import math
@@ -24,6 +28,8 @@ import math
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+
+from input_pipeline import augment
 
 _METHODS = {
     'bilinear': tf.image.ResizeMethod.BILINEAR,
@@ -154,12 +160,22 @@ def normalize(image, mean, std, channels: int) -> tf.Tensor:
 
 
 def make_preprocess_fn(
-    data_config, *, train: bool, kind: str, image_size: int, channels: int, mean, std
+    data_config,
+    *,
+    train: bool,
+    kind: str,
+    image_size: int,
+    channels: int,
+    mean,
+    std,
+    normalize_images: bool = True,
 ):
     """Returns fn(element) -> {'image', 'label'[, 'mask']} for tf.data.map.
 
     `element` has 'x' (see `decode`), 'label' and, in training, 'seed'
     (int64 (2,), the example's stateless seed); eval elements carry 'mask'.
+    With `normalize_images` False the image is float32 in [0, 255] pixel units,
+    for batch-level mixing that normalises afterwards.
     """
     if data_config.preprocess not in ('imagenet', 'small'):
         raise ValueError(f'Unknown preprocess {data_config.preprocess!r}.')
@@ -170,6 +186,7 @@ def make_preprocess_fn(
     if channels not in (1, 3):
         raise ValueError(f'channels must be 1 or 3, got {channels}.')
     method = data_config.interpolation
+    augment_fn = augment.example_augmenter(data_config) if train else None
 
     def eval_transform(image):
         if data_config.preprocess == 'imagenet':
@@ -197,13 +214,24 @@ def make_preprocess_fn(
                 image = eval_transform(image)
             if data_config.flip:
                 image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+            if augment_fn is not None:
+                image = tf.ensure_shape(image, [image_size, image_size, channels])
+                image = augment_fn(image, augment.example_seed(element['seed']))
         else:
             image = eval_transform(image)
         image = tf.ensure_shape(image, [image_size, image_size, channels])
         out = {
-            'image': normalize(image, mean, std, channels),
+            'image': (
+                normalize(image, mean, std, channels)
+                if normalize_images
+                else tf.cast(image, tf.float32)
+            ),
             'label': tf.cast(element['label'], tf.int32),
         }
+        for key, value in element.items():
+            # Per-example extras of the source (e.g. pseudo-label 'targets') pass through.
+            if key not in ('x', 'label', 'seed', 'mask'):
+                out[key] = value
         if 'mask' in element:
             # Padding rows repeat a real example; zero them so they are inert.
             out['image'] *= element['mask']

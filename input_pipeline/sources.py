@@ -68,9 +68,43 @@ class ArraySource:
     kind: str
     data: np.ndarray
     labels: np.ndarray
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def select(self, indices, extras: dict[str, np.ndarray] | None = None) -> 'ArraySource':
+        """The examples at `indices` (repeats allowed), in that order.
+
+        Args:
+            indices: int array into this source.
+            extras: per-example arrays for the *selected* examples (e.g. pseudo-label
+                'targets', (len(indices), K)); they travel with their examples through
+                the pipeline into the batches. Existing extras are selected too.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        merged = {k: v[indices] for k, v in self.extras.items()}
+        for k, v in (extras or {}).items():
+            if len(v) != len(indices):
+                raise ValueError(f'extras[{k!r}] has {len(v)} rows for {len(indices)} indices.')
+            merged[k] = np.asarray(v)
+        return ArraySource(self.kind, self.data[indices], self.labels[indices], merged)
+
+
+def per_class_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first `per_class` examples of every class, in the split's order.
+
+    The split's order is fixed (tfds files read unshuffled), so this is a fixed labeled
+    subset: the same for every seed, process count and trainer.
+    """
+    labels = np.asarray(labels)
+    out = []
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        if len(idx) < per_class:
+            raise ValueError(f'Class {c} has only {len(idx)} examples; asked for {per_class} per class.')
+        out.append(idx[:per_class])
+    return np.sort(np.concatenate(out))
 
 
 def tfds_is_mocked() -> bool:

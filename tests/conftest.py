@@ -20,6 +20,17 @@ FAST_COMPILE_FLAGS = (
     '--xla_cpu_use_fusion_emitters=false'
 )
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE_FLAGS).strip()
+
+# The regular torch build ships triton, whose native library crashes the interpreter when
+# it loads after TensorFlow's (`import tensorflow; import timm` segfaults; the other order
+# is fine). The parity tests need timm and the pipeline tests TensorFlow in one session,
+# so load the reference libraries first. They are optional: without the [test] extra the
+# parity tests skip themselves.
+try:
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+except ImportError:
+    pass
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 

@@ -8,6 +8,8 @@ import importlib
 # name -> module; later trainers ('noisy_student', 'mpl') register here.
 TRAINERS = {
     'supervised': 'trainers.supervised',
+    'noisy_student': 'trainers.noisy_student',
+    'mpl': 'trainers.meta_pseudo_labels',
 }
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -36,6 +37,7 @@ CONFIG_KEYS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'optimizer', 'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing',
     'ema_decay', 'grad_clip_norm', 'compute_dtype', 'shard_params', 'prefetch_to_device',
+    'labeled_per_class',
 })
 REQUIRED_KEYS = ('model', 'dataset', 'batch_size', 'num_train_steps', 'seed',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
@@ -136,9 +138,34 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) one supervised training run; returns the final results."""
-    validate_config(config)
+def labeled_source(config: ml_collections.ConfigDict):
+    """The training examples: the whole `train_split`, or its first `labeled_per_class`
+    examples of every class (in the split's fixed order) for low-label experiments."""
+    per_class = config.get('labeled_per_class', 0)
+    if not per_class:
+        return None
+    source = input_pipeline.load_source(config.data, config.dataset, config.train_split)
+    return source.select(input_pipeline.per_class_indices(source.labels, per_class))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    train_iterator_fn: Callable[[int, dict], Iterator[dict]] | None = None,
+    known_keys: frozenset = CONFIG_KEYS,
+) -> dict[str, Any]:
+    """Runs (or resumes) one supervised training run; returns the final results.
+
+    Args:
+      config: the run config (see configs/default.py).
+      workdir: checkpoints, metrics and results go here; resumed from if it has any.
+      train_iterator_fn: for trainers built on this loop (Noisy Student's student):
+        `(start_step, pipeline_kwargs) -> iterator of this process's batches`, replacing
+        the labeled-data iterator. Batches may carry 'targets' and 'weight'.
+      known_keys: the config keys the calling trainer accepts.
+    """
+    validate_config(config, known_keys)
     setup = build(config)
     mesh, model = setup.mesh, setup.model
     total = config.num_train_steps
@@ -241,10 +268,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = []
         return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
-    train_iter = input_pipeline.create_train_iterator(
-        config.data, dataset=config.dataset, split=config.train_split,
-        global_batch_size=config.batch_size, seed=config.seed, start_step=start_step, **pipe_kw,
-    )
+    if train_iterator_fn is not None:
+        train_iter = train_iterator_fn(start_step, pipe_kw)
+    else:
+        train_iter = input_pipeline.create_train_iterator(
+            config.data, dataset=config.dataset, split=config.train_split,
+            global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+            source=labeled_source(config), **pipe_kw,
+        )
     batches = core.prefetch_to_device(
         train_iter, sharding, size=config.get('prefetch_to_device', 2)
     )

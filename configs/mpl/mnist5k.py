@@ -1,0 +1,75 @@
+"""Meta Pseudo Labels on mnist5k: 25 labeled digits per class, the rest as unlabeled data.
+
+Command:
+    python train.py --config configs/mpl/mnist5k.py --workdir /tmp/flaxnets/mpl_mnist5k
+
+Data: exactly the split of configs/noisy_student/mnist5k.py: the first 25 examples of each
+digit in mnist5k's `train` split are labeled (250 images), the other 3,750 train images
+are the unlabeled pool (their labels are never read), and the 1,000 held-out `test`
+digits measure teacher and student. configs/mpl/mnist5k_baseline.py trains the same
+student on the 250 labels alone, so supervised / Noisy Student / MPL compare on equal
+terms.
+
+Teacher and student are both LeNet-5 (dropout 0.2 before the output layer). Each step
+takes 32 labeled + 128 unlabeled digits (unlabeled_ratio 4); the unlabeled digits come
+in a weak view (2-pixel translations) for the teacher's UDA targets and a strong view
+(plus RandAugment, the digit-safe op set, N=2, M=9) for the pseudo-labels, the
+student's update and the teacher's UDA prediction. Hard pseudo-labels sampled from the
+teacher, loss-difference reward, UDA weight 8 / threshold 0.6 / temperature 0.7 ramped
+up over 300 steps, the student's LR held at 0 for its first 100 steps; 1,500 MPL steps,
+then 300 steps of fine-tuning the student on the labels.
+
+Expected result and time: see the README's table (student top-1 after fine-tuning, and
+the teacher's, mean and spread over 3 seeds); a run takes about 10 minutes on a 2-core
+CPU (an MPL step costs about 3-4 supervised steps of both networks: see the report in
+trainers/meta_pseudo_labels.py's tests).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.trainer = 'mpl'
+    config.labeled_per_class = 25
+
+    # The student: config.model / model_kwargs / optimizer / learning_rate / schedule.
+    config.model = 'lenet5'
+    config.model_kwargs.drop_rate = 0.2
+    # The teacher.
+    config.teacher_model = 'lenet5'
+    config.teacher_model_kwargs = ml_collections.ConfigDict(dict(config.model_kwargs))
+    config.teacher_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
+    config.teacher_learning_rate = 0.05
+    config.teacher_schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=100))
+
+    # config.data is the strong view; the weak view drops RandAugment.
+    config.data.randaugment_layers = 2
+    config.data.randaugment_magnitude = 9.0
+    config.data.randaugment_ops = 'digits'
+
+    config.batch_size = 32
+    config.unlabeled_ratio = 4.0
+    config.num_train_steps = 1500
+    config.learning_rate = 0.05
+    config.schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=100))
+    config.log_every_steps = 100
+    config.eval_every_steps = 500
+    config.checkpoint_every_steps = 500
+
+    config.mpl = ml_collections.ConfigDict(dict(
+        pseudo_label='hard_sample',  # 'hard_sample' | 'hard_argmax' | 'soft'
+        reward='loss_difference',  # 'loss_difference' | 'dot_product'
+        reward_baseline_decay=0.0,  # 0: no moving-average baseline
+        reward_sign=1.0,
+        student_wait_steps=100,
+        finetune_steps=300,
+        finetune_learning_rate=0.01,
+        finetune_schedule=ml_collections.ConfigDict(dict(name='cosine', warmup_steps=0)),
+    ))
+    config.uda = ml_collections.ConfigDict(dict(
+        weight=8.0, threshold=0.6, temperature=0.7, warmup_steps=300,
+    ))
+    return config
