@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -26,11 +27,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE_
 # is fine). The parity tests need timm and the pipeline tests TensorFlow in one session,
 # so load the reference libraries first. They are optional: without the [test] extra the
 # parity tests skip themselves.
-try:
+with contextlib.suppress(ImportError):
     import timm  # noqa: F401
     import torchvision  # noqa: F401
-except ImportError:
-    pass
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
