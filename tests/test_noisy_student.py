@@ -165,3 +165,28 @@ def test_one_round_on_mnist5k_end_to_end(data_dir, tmp_path):
     assert student['num_examples'] == 1000
     # Running again resumes: nothing is retrained, the same results come back.
     assert noisy_student.train_and_evaluate(config, workdir)['rounds'] == results['rounds']
+
+
+def test_imagenet_effnet_b0_config_one_step_under_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    from configs.noisy_student import imagenet_effnet_b0
+
+    config = imagenet_effnet_b0.get_config()
+    # The paper's setting, shrunk only where CI's 2 CPU cores need it.
+    data_dir = str(tmp_path / 'tfds')
+    config.data.data_dir = config.teacher.data.data_dir = data_dir
+    config.image_size = 32
+    config.batch_size = 2
+    config.eval_batch_size = 2
+    config.num_train_steps = config.teacher.num_train_steps = 1
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 1
+    config.noisy_student.unlabeled_ratio = 1.0
+    config.noisy_student.min_confidence = 0.0
+    config.noisy_student.images_per_class = 1
+    config.noisy_student.inference_shard_size = 4
+    with tfds.testing.mock_data(num_examples=4):
+        results = noisy_student.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert [r['round'] for r in results['rounds']] == [0]
+    assert 0.0 <= results['rounds'][0]['student_top1'] <= 1.0
+    assert results['model'] == 'tf_efficientnet_b0'
