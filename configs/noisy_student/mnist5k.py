@@ -15,8 +15,9 @@ RandAugment (the digit-safe op set, N=2, M=9) on every image and dropout 0.3 bef
 output layer, on 32 labeled + 128 pseudo-labeled images per step (unlabeled_ratio 4),
 soft pseudo-labels, confident (p >= 0.5) images balanced to 350 per class. Two rounds.
 
-Expected result and time: see the README's table (teacher and student top-1 per round,
-mean and spread over 3 seeds); a run takes a few minutes on a 2-core CPU.
+Expected result (seeds 0-2, held-out top-1): round-0 teacher 92.0 +- 0.95 %, round-0
+student 96.6 +- 0.2 %, round-1 student 97.2 +- 0.4 % (the README's table). Time: about
+8 minutes on a 2-core CPU.
 """
 
 import ml_collections
