@@ -190,3 +190,41 @@ def test_imagenet_effnet_b0_config_one_step_under_mock_data(tmp_path):
     assert [r['round'] for r in results['rounds']] == [0]
     assert 0.0 <= results['rounds'][0]['student_top1'] <= 1.0
     assert results['model'] == 'tf_efficientnet_b0'
+
+
+def test_teacher_from_converted_weights_file(data_dir, tmp_path):
+    """A reference-format weights file (here LeNet-5's own export) serves as the teacher."""
+    from configs.noisy_student import mnist5k
+
+    teacher = models.create_model('lenet5', num_classes=10)
+    variables = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 1)))
+    weights = tmp_path / 'teacher.npz'
+    np.savez(weights, **models.export_state_dict('lenet5', variables))
+
+    config = mnist5k.get_config()
+    config.data.data_dir = config.teacher.data.data_dir = data_dir
+    config.teacher.checkpoint = str(weights)
+    config.num_train_steps = 2
+    config.log_every_steps = config.eval_every_steps = config.checkpoint_every_steps = 2
+    config.eval_batch_size = 500
+    config.noisy_student.num_iterations = 1
+    config.noisy_student.min_confidence = 0.0
+    config.noisy_student.images_per_class = 10
+    workdir = tmp_path / 'ns'
+    results = noisy_student.train_and_evaluate(config, str(workdir))
+    assert results['rounds'][0]['teacher_top1'] is None  # not evaluated: restored teacher
+    manifest = json.load(open(workdir / 'round_0' / 'pseudo_labels' / 'manifest.json'))
+    assert manifest['teacher'].startswith(str(weights))
+    # The pseudo-labels are that teacher's predictions.
+    logits = np.concatenate([np.load(workdir / 'round_0' / 'pseudo_labels' / f'shard-{k:05d}.npz')['logits']
+                             for k in range(4)])
+    data = input_pipeline.default_data_config()
+    data.data_dir = data_dir
+    data.preprocess = 'small'
+    source = input_pipeline.load_source(data, 'mnist5k', 'train')
+    pool = source.select(np.setdiff1d(np.arange(len(source)), input_pipeline.per_class_indices(source.labels, 25)))
+    first = pool.data[:4].astype(np.float32) / 255.0
+    first = np.pad(first, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    cfg = models.get_model_cfg('lenet5')
+    expected = teacher.apply(variables, (first - cfg.mean[0]) / cfg.std[0])
+    np.testing.assert_allclose(logits[:4], np.asarray(expected), atol=1e-4)

@@ -2,8 +2,9 @@
 
 "Self-training with Noisy Student improves ImageNet classification", CVPR 2020, Alg. 1:
 
-1. Train a teacher on the labeled data (round 0; or restore one with
-   `config.teacher.checkpoint`).
+1. Train a teacher on the labeled data (round 0), or restore one with
+   `config.teacher.checkpoint`: a workdir / orbax checkpoint of our own, or converted
+   reference weights (`.npz` / `.safetensors` in timm or torchvision naming).
 2. Pseudo-label the unlabeled data with the teacher in eval mode and clean (eval)
    preprocessing. Inference is sharded over every device and process; logits are written
    in shards with a manifest, so an interrupted inference resumes without redoing
@@ -262,9 +263,26 @@ def _read_results(workdir: str) -> dict | None:
         return json.load(f)
 
 
-def _teacher_variables(directory: str) -> tuple[dict, str]:
-    """Variables of the newest checkpoint under `directory` (a workdir or its
-    checkpoints/ folder) and an id for the manifest."""
+WEIGHT_FILE_SUFFIXES = ('.npz', '.safetensors')
+
+
+def _teacher_variables(directory: str, model_name: str, num_classes: int) -> tuple[dict, str]:
+    """The teacher's variables and an id for the manifest.
+
+    `directory` is a workdir or checkpoints/ folder (newest orbax checkpoint), or a
+    weights file in the reference's state-dict naming (`.npz` / `.safetensors`, e.g.
+    timm's `tf_efficientnet_b0` exported to numpy), converted strictly.
+    """
+    if directory.endswith(WEIGHT_FILE_SUFFIXES):
+        if directory.endswith('.npz'):
+            with np.load(directory, allow_pickle=False) as z:
+                state_dict = {k: z[k] for k in z.files}
+        else:
+            from safetensors.numpy import load_file
+
+            state_dict = load_file(directory)
+        variables = models.convert_state_dict(model_name, state_dict, num_classes=num_classes)
+        return variables, f'{os.path.abspath(directory)}@{_sha256(directory)[:16]}'
     ckpt_dir = os.path.join(directory, 'checkpoints')
     if not os.path.isdir(ckpt_dir):
         ckpt_dir = directory
@@ -323,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             teacher_model_name, num_classes=info.num_classes,
             **{k: v for k, v in dict(teacher_kwargs).items() if v is not None},
         )
-        variables, teacher_id = _teacher_variables(teacher_dir)
+        variables, teacher_id = _teacher_variables(teacher_dir, teacher_model_name, info.num_classes)
         teacher_cfg = models.get_model_cfg(teacher_model_name)
         t_size = config.get('image_size') or teacher_cfg.input_size[0]
         logits = infer_logits(
