@@ -283,6 +283,34 @@ def torch_linear_init(fan_in: int) -> tuple[Callable[..., Any], Callable[..., An
     return kernel_init, bias_init
 
 
+def classifier_head(
+    x: jax.Array,
+    num_classes: int,
+    *,
+    drop_rate: float,
+    train: bool,
+    dtype: Dtype,
+    name: str,
+) -> jax.Array:
+    """Dropout then a torch-initialised Dense head, float32 logits.
+
+    Call from inside a module's ``@nn.compact`` method: the layers are created in that
+    module's scope, so the head's parameters live under ``name`` there (``fc``,
+    ``last_linear``, ... as the reference names them).
+    """
+    x = nn.Dropout(drop_rate, deterministic=not train)(x)
+    kernel_init, bias_init = torch_linear_init(x.shape[-1])
+    x = nn.Dense(
+        num_classes,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=kernel_init,
+        bias_init=bias_init,
+        name=name,
+    )(x)
+    return x.astype(jnp.float32)
+
+
 def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
     """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``).
 

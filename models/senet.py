@@ -181,17 +181,10 @@ class SENet(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features['pre_logits'] = x
         if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            kernel_init, bias_init = layers.torch_linear_init(x.shape[-1])
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=kernel_init,
-                bias_init=bias_init,
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
                 name='last_linear',
-            )(x)
-        x = x.astype(jnp.float32)
+            )
         return (x, features) if return_features else x
 
 

@@ -299,9 +299,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _validate(config)
     ns = config.noisy_student
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
-    model_cfg = models.get_model_cfg(config.model)
-    image_size = config.get('image_size') or model_cfg.input_size[0]
-    channels = model_cfg.input_size[2]
     eval_batch = config.get('eval_batch_size') or config.batch_size
     main = jax.process_index() == 0
 
