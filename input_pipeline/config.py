@@ -19,10 +19,18 @@ def default_data_config() -> ml_collections.ConfigDict:
             `image_size / crop_pct`, then centre crop) or 'small' (eval: resize
             to `image_size` only if it differs; zero-pad when the target is larger
             by an even number of pixels, e.g. MNIST 28 -> 32 for LeNet-5).
+        source_size: when > 0, every decoded image is first resized to
+            source_size x source_size (with `interpolation`), before cropping,
+            padding or augmentation, in training and eval. Used to bring
+            scikit-learn's 8x8 digits to MNIST's 28x28 stroke scale, so that a
+            LeNet-5 trained on mnist5k sees them as it saw MNIST (then zero-padded
+            to 32). 0 (default) keeps the stored size.
         train_augment: 'inception_crop' (random-resized crop with
             `inception_scale` / `inception_ratio`), 'random_crop' (pad by
-            `crop_padding`, crop back to the source size, then the eval resize) or
-            'none' (the eval transform).
+            `crop_padding`, crop back to the source size, then the eval resize),
+            'crop' (a random `image_size` square of the image, no padding or
+            rescaling: BiT's fine-tuning crop, after `source_size`) or 'none' (the
+            eval transform).
         crop_padding: pixels of zero padding for 'random_crop' (4 for CIFAR,
             2 for MNIST).
         flip: random horizontal flip in training. Set False for digits, where a
@@ -76,6 +84,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.data_dir = ml_collections.FieldReference(None, field_type=str)
     config.download = False
     config.preprocess = 'imagenet'
+    config.source_size = 0
     config.train_augment = 'inception_crop'
     config.crop_padding = 4
     config.flip = True

@@ -179,7 +179,7 @@ def make_preprocess_fn(
     """
     if data_config.preprocess not in ('imagenet', 'small'):
         raise ValueError(f'Unknown preprocess {data_config.preprocess!r}.')
-    if data_config.train_augment not in ('inception_crop', 'random_crop', 'none'):
+    if data_config.train_augment not in ('inception_crop', 'random_crop', 'crop', 'none'):
         raise ValueError(f'Unknown train_augment {data_config.train_augment!r}.')
     if data_config.interpolation not in _METHODS:
         raise ValueError(f'interpolation must be one of {sorted(_METHODS)}.')
@@ -193,8 +193,14 @@ def make_preprocess_fn(
             return resize_shorter_center_crop(image, image_size, data_config.crop_pct, method)
         return resize_small(image, image_size, method)
 
+    source_size = int(data_config.get('source_size', 0) or 0)
+
     def fn(element):
         image = decode(element['x'], kind, channels)
+        if source_size:
+            # Before any crop, so train and eval see the same rescaled digits.
+            image = tf.image.resize(image, [source_size, source_size], method=_METHODS[method])
+            image.set_shape([source_size, source_size, channels])
         if train:
             crop_seed, flip_seed = tf.unstack(
                 tf.random.experimental.stateless_split(element['seed'], num=2)
@@ -207,6 +213,12 @@ def make_preprocess_fn(
                     data_config.inception_scale,
                     data_config.inception_ratio,
                     method,
+                )
+            elif data_config.train_augment == 'crop':
+                # BiT's fine-tuning crop: a random image_size square of the (source_size)
+                # image, no padding and no rescaling.
+                image = tf.image.stateless_random_crop(
+                    image, [image_size, image_size, channels], seed=crop_seed
                 )
             else:
                 if data_config.train_augment == 'random_crop':

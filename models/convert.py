@@ -195,6 +195,48 @@ def _expected_shapes(model, model_name: str) -> dict[tuple[str, ...], jax.ShapeD
     return traverse_util.flatten_dict(shapes)
 
 
+def rename_state_dict(
+    model_name: str, state_dict: Mapping[str, np.ndarray]
+) -> tuple[dict[tuple[str, ...], np.ndarray], dict[tuple[str, ...], str], list[str]]:
+    """Renames and re-lays-out a reference state dict into our naming, checking no shapes.
+
+    The building block of :func:`convert_state_dict` and of fine-tuning, which compares
+    the result against a model whose head (or resolution-dependent layers) may differ.
+
+    Returns:
+        ``(arrays, sources, unmatched)``: arrays keyed by our flat variable path
+        (``('params', 'layer1_0', 'conv1', 'kernel')``) in our layout, the reference name
+        each came from, and the reference names no rule of the family's map covers.
+
+    Raises:
+        ConversionError: if two reference names map to the same variable.
+    """
+    rules = _rules_for(model_name)
+    arrays: dict[tuple[str, ...], np.ndarray] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    unmatched: list[str] = []
+    for ref_key, value in state_dict.items():
+        if ref_key.rpartition('.')[2] in IGNORED_LEAVES:
+            continue
+        found = _ref_to_ours(rules, ref_key)
+        if found is None:
+            unmatched.append(ref_key)
+            continue
+        key, spec = found
+        if key in sources:
+            raise ConversionError(f'{ref_key} and {sources[key]} both map to {_fmt(key)}')
+        array = np.asarray(value)
+        arrays[key] = spec.to_ours(array) if spec.to_ours is not None else array
+        sources[key] = ref_key
+    return arrays, sources, unmatched
+
+
+def reference_name(model_name: str, key: tuple[str, ...]) -> str | None:
+    """The reference (state-dict) name of our variable ``key``, if the family maps it."""
+    found = _ours_to_ref(_rules_for(model_name), key)
+    return found[0] if found else None
+
+
 def convert_state_dict(
     model_name: str,
     state_dict: Mapping[str, np.ndarray],
@@ -225,29 +267,20 @@ def convert_state_dict(
     model = registry.create_model(model_name, num_classes=num_classes, **overrides)
     expected = _expected_shapes(model, model_name)
 
+    arrays, sources, unexpected = rename_state_dict(model_name, state_dict)
     converted: dict[tuple[str, ...], np.ndarray] = {}
-    sources: dict[tuple[str, ...], str] = {}
-    unexpected: list[str] = []
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
-    for ref_key, value in state_dict.items():
-        if ref_key.rpartition('.')[2] in IGNORED_LEAVES:
-            continue
-        found = _ref_to_ours(rules, ref_key)
-        if found is None or found[0] not in expected:
+    for key, array in arrays.items():
+        ref_key = sources[key]
+        if key not in expected:
             unexpected.append(ref_key)
             continue
-        key, spec = found
-        array = np.asarray(value)
-        if spec.to_ours is not None:
-            array = spec.to_ours(array)
         want = expected[key]
         if array.shape != tuple(want.shape):
-            mismatched.append((ref_key, tuple(np.shape(value)), _ref_shape(spec, want.shape)))
+            spec = _ref_to_ours(rules, ref_key)[1]
+            mismatched.append((ref_key, tuple(np.shape(state_dict[ref_key])), _ref_shape(spec, want.shape)))
             continue
-        if key in converted:
-            raise ConversionError(f'{ref_key} and {sources[key]} both map to {_fmt(key)}')
         converted[key] = array.astype(want.dtype)
-        sources[key] = ref_key
 
     # Mis-shaped entries are reported once, as mismatches, not again as missing.
     mismatched_keys = {_ref_to_ours(rules, name)[0] for name, _, _ in mismatched}

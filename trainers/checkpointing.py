@@ -155,3 +155,19 @@ def load_state_arrays(directory: str, step: int | None = None) -> tuple[int, dic
         return step, jax.tree.map(np.asarray, dict(restored['state']))
     finally:
         manager.close()
+
+
+def load_checkpoint_meta(directory: str, step: int) -> dict:
+    """A checkpoint's 'meta' item (model name, fingerprint, ...); {} when it has none."""
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_names=('state', 'meta'),
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored['meta'] or {})
+    except (FileNotFoundError, KeyError, ValueError):
+        return {}
+    finally:
+        manager.close()

@@ -183,6 +183,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
+    *,
+    frozen_stats: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure supervised step: (state, batch) -> (state, metrics). Not yet jitted.
 
@@ -193,6 +195,9 @@ def make_train_step(
 
     Dropout and stochastic-depth randomness comes from fold_in(seed, step), so a resumed
     run draws exactly what the uninterrupted run drew.
+
+    `frozen_stats`, a tree of Python bools shaped like `batch_stats`, marks BatchNorm
+    statistics that keep their value (frozen layers when fine-tuning).
     """
     base_rng = jax.random.key(config.seed)
     label_smoothing = config.get('label_smoothing', 0.0)
@@ -221,6 +226,11 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         batch_stats = mutated['batch_stats'] if has_bn else state.batch_stats
+        if has_bn and frozen_stats is not None:
+            batch_stats = jax.tree.map(
+                lambda keep, old, fresh: old if keep else fresh,
+                frozen_stats, state.batch_stats, batch_stats,
+            )
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )

@@ -93,7 +93,8 @@ from trainers import core, optim, supervised
 from trainers.checkpointing import Checkpointer, tree_fingerprint
 from trainers.metrics_io import MetricsLogger
 
-CONFIG_KEYS = supervised.CONFIG_KEYS | frozenset({
+# Fine-tuning from pretrained weights is a supervised-trainer mode only.
+CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset({
     'teacher_model', 'teacher_model_kwargs', 'teacher_optimizer', 'teacher_learning_rate',
     'teacher_schedule', 'unlabeled_ratio', 'mpl', 'uda',
 })

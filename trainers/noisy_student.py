@@ -48,7 +48,8 @@ import models
 from trainers import core, supervised
 from trainers.checkpointing import load_state_arrays
 
-CONFIG_KEYS = supervised.CONFIG_KEYS | frozenset(
+# Fine-tuning from pretrained weights is a supervised-trainer mode only.
+CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset(
     {'teacher', 'unlabeled_dataset', 'unlabeled_split', 'noisy_student'}
 )
 TEACHER_KEYS = frozenset({'model', 'model_kwargs', 'data', 'num_train_steps', 'checkpoint'})

@@ -26,7 +26,7 @@ from absl import logging
 
 import input_pipeline
 import models
-from trainers import core, optim
+from trainers import core, finetune, hyperrule, optim
 from trainers.checkpointing import Checkpointer, tree_fingerprint
 from trainers.metrics_io import MetricsLogger
 
@@ -38,7 +38,12 @@ CONFIG_KEYS = frozenset({
     'optimizer', 'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing',
     'ema_decay', 'grad_clip_norm', 'compute_dtype', 'shard_params', 'prefetch_to_device',
     'labeled_per_class',
+    # Fine-tuning (trainers/finetune.py) and the BiT-HyperRule (trainers/hyperrule.py).
+    'init_from', 'init_from_step', 'init_from_hub', 'finetune', 'hyperrule',
 })
+FINETUNE_CONFIG_KEYS = frozenset(
+    {'init_from', 'init_from_step', 'init_from_hub', 'finetune', 'hyperrule'}
+)
 REQUIRED_KEYS = ('model', 'dataset', 'batch_size', 'num_train_steps', 'seed',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
 
@@ -76,6 +81,7 @@ class Setup:
     mesh: Any
     schedule: Any
     tx: Any
+    freeze: list  # compiled config.finetune.freeze regexes
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -102,6 +108,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                 f'and processes ({n_proc}).'
             )
     schedule = optim.create_schedule(config)
+    freeze = finetune.compile_patterns(config.get('finetune', {}).get('freeze', ()), 'freeze')
     return Setup(
         model=model,
         model_cfg=model_cfg,
@@ -110,7 +117,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         channels=model_cfg.input_size[2],
         mesh=core.create_mesh(),
         schedule=schedule,
-        tx=optim.create_optimizer(config, schedule),
+        tx=finetune.freeze_optimizer(optim.create_optimizer(config, schedule), freeze),
+        freeze=freeze,
     )
 
 
@@ -166,6 +174,8 @@ def train_and_evaluate(
       known_keys: the config keys the calling trainer accepts.
     """
     validate_config(config, known_keys)
+    if config.get('hyperrule'):
+        config = hyperrule.resolve(config)
     setup = build(config)
     mesh, model = setup.mesh, setup.model
     total = config.num_train_steps
@@ -199,6 +209,9 @@ def train_and_evaluate(
         'seed': config.seed,
         'batch_size': config.batch_size,
     }
+    pretrained = config.get('init_from') or config.get('init_from_hub')
+    if pretrained:
+        meta['init_from'] = pretrained
     ckpt = Checkpointer(
         os.path.join(workdir, 'checkpoints'), meta, max_to_keep=config.get('keep_checkpoints', 3)
     )
@@ -209,9 +222,20 @@ def train_and_evaluate(
         state = ckpt.restore(latest, state)
         start_step = int(jax.device_get(state.step))
         logging.info('Resumed from %s at step %d.', ckpt.directory, start_step)
+        if pretrained:
+            logging.info('Fine-tune resumed from its own checkpoint; %s is not read again.', pretrained)
+    elif pretrained:
+        state, summary = finetune.initialize_from_pretrained(state, config, setup.info.num_classes)
+        if pi == 0:
+            with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
+                json.dump(summary, f, indent=2)
 
     train_step = core.jit_train_step(
-        core.make_train_step(model, setup.tx, setup.schedule, config), state_sharding, mesh
+        core.make_train_step(
+            model, setup.tx, setup.schedule, config,
+            frozen_stats=finetune.frozen_stats_mask(state.batch_stats, setup.freeze) if setup.freeze else None,
+        ),
+        state_sharding, mesh,
     )
     eval_step = core.make_eval_step(model, mesh)
     eval_batch = config.get('eval_batch_size') or config.batch_size
