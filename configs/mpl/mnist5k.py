@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher_model = 'lenet5'
     config.teacher_model_kwargs = ml_collections.ConfigDict(dict(config.model_kwargs))
     config.teacher_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
-    config.teacher_learning_rate = 0.05
+    config.teacher_learning_rate = 0.01
     config.teacher_schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=100))
 
     # config.data is the strong view; the weak view drops RandAugment.
