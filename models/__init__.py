@@ -29,6 +29,7 @@ from models.registry import (
     UnknownModelError,
     create_model,
     get_model_cfg,
+    get_model_family,
     list_models,
     register_model,
 )
@@ -41,6 +42,7 @@ __all__ = [
     'create_model',
     'export_state_dict',
     'get_model_cfg',
+    'get_model_family',
     'list_models',
     'register_model',
 ]

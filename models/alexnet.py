@@ -111,7 +111,8 @@ class ConvSpec:
         features: output channels.
         kernel: square kernel size.
         stride: conv stride.
-        pad: zero padding on every side (explicit, as the papers and torchvision give it).
+        pad: zero padding on every side (explicit, as the papers and torchvision give it;
+            ``AlexNet(padding='tf_same')`` replaces it by TF ``SAME``).
         groups: feature groups (2 for the 2012 net's within-GPU layers).
         lrn: local response normalisation after the ReLU (2012 net, Sec. 3.3).
         pool: ``(window, stride)`` of a VALID max-pool after the layer, or None.
@@ -262,6 +263,11 @@ class AlexNet(nn.Module):
         weight_std: weight-standardised convs (BiT).
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout rate of the hidden FC layers (0.5 in every paper).
+        padding: padding mode of the padded convs (``ConvSpec.pad > 0``; see
+            :func:`layers.get_padding`): ``'symmetric'`` uses the spec's explicit pads,
+            ``'tf_same'`` TF ``SAME``, also for torchvision's 11x11/4 conv1 whose pad 2 is
+            not ``k // 2`` (ceil(n / 4) outputs, which the adaptive pool absorbs); unpadded
+            convs and the max-pools stay VALID in both modes.
     """
 
     spec: NetSpec
@@ -271,6 +277,7 @@ class AlexNet(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.5
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -287,6 +294,7 @@ class AlexNet(nn.Module):
             float32 logits (B, num_classes) (``pre_logits`` when ``num_classes == 0``), and
             the feature dict when ``return_features``.
         """
+        layers.check_model_padding(self.padding, type(self).__name__)
         # torch's default conv / linear init: uniform +-1/sqrt(fan_in) for weight and bias.
         conv = layers.conv_factory(
             self.weight_std,
@@ -300,13 +308,17 @@ class AlexNet(nn.Module):
 
         x = x.astype(self.dtype)
         for i, layer in enumerate(self.spec.convs):
-            if layer.pad:
+            mode = 'valid'
+            if layer.pad and self.padding == 'tf_same':
+                mode = 'tf_same'
+            elif layer.pad:
                 x = jnp.pad(x, ((0, 0), (layer.pad, layer.pad), (layer.pad, layer.pad), (0, 0)))
             fan_in = layer.kernel * layer.kernel * x.shape[-1] // layer.groups
             x = conv(
                 layer.features,
                 layer.kernel,
                 layer.stride,
+                padding=mode,
                 use_bias=use_bias,
                 feature_group_count=layer.groups,
                 bias_init=layers.torch_linear_init(fan_in)[1],

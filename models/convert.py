@@ -226,7 +226,13 @@ def rename_state_dict(
         if key in sources:
             raise ConversionError(f'{ref_key} and {sources[key]} both map to {_fmt(key)}')
         array = np.asarray(value)
-        arrays[key] = spec.to_ours(array) if spec.to_ours is not None else array
+        if spec.to_ours is not None:
+            try:
+                array = spec.to_ours(array)
+            except ValueError:  # e.g. a 1-D array under a conv name: no such layer here
+                unmatched.append(ref_key)
+                continue
+        arrays[key] = array
         sources[key] = ref_key
     return arrays, sources, unmatched
 

@@ -437,9 +437,12 @@ register_name_map(
 )
 
 
-def _efficientnet(variant: str, padding: str, **kwargs) -> EfficientNet:
+def _efficientnet(variant: str, default_padding: str, **kwargs) -> EfficientNet:
+    """EfficientNet ``variant`` with its port's padding unless ``kwargs`` override it."""
     sc = VARIANTS[variant]
-    defaults = dict(width_mult=sc.width, depth_mult=sc.depth, drop_rate=sc.dropout, padding=padding)
+    defaults = dict(
+        width_mult=sc.width, depth_mult=sc.depth, drop_rate=sc.dropout, padding=default_padding
+    )
     return EfficientNet(**{**defaults, **kwargs})
 
 
@@ -461,14 +464,14 @@ _MODELS: dict[str, tuple[str, str, float, str]] = {
 }
 
 
-def _register(name: str, variant: str, padding: str, top1: float, paper: str) -> None:
+def _register(name: str, variant: str, default_padding: str, top1: float, paper: str) -> None:
     res = VARIANTS[variant].resolution
 
     def factory(**kwargs) -> EfficientNet:
-        return _efficientnet(variant, padding, **kwargs)
+        return _efficientnet(variant, default_padding, **kwargs)
 
     factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = f'EfficientNet-{variant.upper()} ({padding} padding), {res} px.'
+    factory.__doc__ = f'EfficientNet-{variant.upper()} ({default_padding} padding), {res} px.'
     # Evaluation crop of the TF reference: resize to res + 32, centre crop res (timm's
     # tf_efficientnet cfgs give the same crop_pct, rounded to 3 digits).
     cfg = dict(input_size=(res, res, 3), crop_pct=res / (res + 32), interpolation='bicubic')

@@ -29,6 +29,12 @@ N(0, 0.1) (aux conv1 0.01, aux fc 0.001); torch truncates at +-2 *absolute*, whi
 stds is no truncation, so a plain normal is used. Linear biases as ``torch.nn.Linear``.
 BN-Inception (no reference) uses He-normal (fan_out) convs. Norm scale 1, bias 0.
 
+Padding (the ``padding`` field of every network): ``'symmetric'`` (default) is the
+references' torch padding; ``'tf_same'`` makes every padded conv and every padded strided
+pool TF ``SAME`` (:func:`layers.get_padding`), while unpadded convs and pools stay VALID.
+Stride-1 pools pad ``k // 2`` on both sides, as ``SAME`` does, so they do not depend on the
+mode.
+
 Feature maps (``return_features=True``): ``stem`` (stride 8), ``stage1`` (stride 8),
 ``stage2`` (stride 16), ``stage3`` (stride 32), ``pre_logits``.
 """
@@ -119,8 +125,9 @@ class BasicConv2d(nn.Module):
         features: output channels.
         kernel_size: int or (kh, kw).
         strides: conv stride.
-        padding: ``'valid'`` (torch ``padding=0``) or ``'symmetric'`` (torch
-            ``padding=k // 2``), the only two paddings the references use.
+        padding: ``'valid'`` (torch ``padding=0``) or ``'same'`` (torch ``padding=k // 2``),
+            the only two paddings the references use. ``'same'`` pads in the model's
+            padding mode, the default of ``conv`` (see :func:`layers.conv_factory`).
         conv: conv constructor from :func:`layers.conv_factory` (required).
         norm: norm constructor from :func:`layers.norm_factory` (required).
         kernel_init: overrides the conv factory's initialiser for this layer (None: keep).
@@ -136,20 +143,34 @@ class BasicConv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding not in ('valid', 'same'):
+            raise ValueError(f"BasicConv2d padding must be 'valid' or 'same', got {self.padding!r}")
         kwargs = {} if self.kernel_init is None else {'kernel_init': self.kernel_init}
+        padding = 'valid' if self.padding == 'valid' else None  # None: the factory's mode
         x = self.conv(
-            self.features, self.kernel_size, self.strides, padding=self.padding, name='conv', **kwargs
+            self.features, self.kernel_size, self.strides, padding=padding, name='conv', **kwargs
         )(x)
         return nn.relu(self.norm(name='bn')(x))
 
 
-def max_pool(x: jax.Array, window: int, strides: int, padding: int = 0, ceil_mode: bool = False) -> jax.Array:
+def max_pool(
+    x: jax.Array,
+    window: int,
+    strides: int,
+    padding: int = 0,
+    ceil_mode: bool = False,
+    mode: str = 'symmetric',
+) -> jax.Array:
     """``torch.nn.MaxPool2d`` on NHWC, including ``ceil_mode``.
 
     With ``ceil_mode`` the output has ``ceil((n + 2p - k) / s) + 1`` positions, minus one if
     the last window would start in the right padding (torch's rule); the extra right/bottom
-    positions are padded with -inf so they never win.
+    positions are padded with -inf so they never win. ``mode='tf_same'`` (a model's
+    ``padding`` field) makes a pool that pads at all (``padding > 0`` or ``ceil_mode``) a TF
+    ``SAME`` pool; unpadded pools stay VALID.
     """
+    if mode == 'tf_same' and (padding or ceil_mode):
+        return nn.max_pool(x, (window, window), (strides, strides), padding='SAME')
     pads = []
     for n in x.shape[1:3]:
         if ceil_mode:
@@ -162,14 +183,19 @@ def max_pool(x: jax.Array, window: int, strides: int, padding: int = 0, ceil_mod
     return nn.max_pool(x, (window, window), (strides, strides), padding=pads)
 
 
-def avg_pool(x: jax.Array, window: int, strides: int, padding: int = 0, count_include_pad: bool = True) -> jax.Array:
-    """``torch.nn.AvgPool2d`` on NHWC (floor mode)."""
+def avg_pool(
+    x: jax.Array,
+    window: int,
+    strides: int,
+    padding: int = 0,
+    count_include_pad: bool = True,
+    mode: str = 'symmetric',
+) -> jax.Array:
+    """``torch.nn.AvgPool2d`` on NHWC (floor mode); a padded pool is TF ``SAME`` instead
+    when ``mode='tf_same'`` (``count_include_pad`` keeps its meaning)."""
+    pads = 'SAME' if mode == 'tf_same' and padding else ((padding, padding), (padding, padding))
     return nn.avg_pool(
-        x,
-        (window, window),
-        (strides, strides),
-        padding=((padding, padding), (padding, padding)),
-        count_include_pad=count_include_pad,
+        x, (window, window), (strides, strides), padding=pads, count_include_pad=count_include_pad
     )
 
 
@@ -253,9 +279,9 @@ class InceptionV1Block(nn.Module):
         c1, r3, c3, r5, c5, pp = self.widths
         cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm)
         b1 = cbr(c1, 1, name='branch1')(x)
-        b2 = cbr(c3, 3, padding='symmetric', name='branch2_1')(cbr(r3, 1, name='branch2_0')(x))
+        b2 = cbr(c3, 3, padding='same', name='branch2_1')(cbr(r3, 1, name='branch2_0')(x))
         # torchvision's "5x5" branch is a 3x3 conv (pytorch/vision#906); its weights need it.
-        b3 = cbr(c5, 3, padding='symmetric', name='branch3_1')(cbr(r5, 1, name='branch3_0')(x))
+        b3 = cbr(c5, 3, padding='same', name='branch3_1')(cbr(r5, 1, name='branch3_0')(x))
         b4 = cbr(pp, 1, name='branch4_1')(max_pool(x, 3, 1, padding=1, ceil_mode=True))
         return jnp.concatenate([b1, b2, b3, b4], axis=-1)
 
@@ -302,6 +328,10 @@ class GoogLeNet(nn.Module):
         drop_rate: dropout before the classifier (0.2 in torchvision).
         aux_logits: build the two auxiliary classifiers (see the module docstring).
         aux_drop_rate: dropout inside the auxiliary classifiers.
+        padding: padding mode of the padded convs and pools (see the module docstring);
+            ``'tf_same'`` turns the ceil-mode max-pools into TF ``SAME`` pools, which agree
+            with them at even sizes and pad one pixel on both sides (one more output) at
+            odd ones.
     """
 
     stages: tuple = GOOGLENET_STAGES
@@ -313,32 +343,34 @@ class GoogLeNet(nn.Module):
     drop_rate: float = 0.2
     aux_logits: bool = False
     aux_drop_rate: float = 0.7
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """Applies the network to NHWC images; returns logits (and the feature dict)."""
         check_norm(self.norm)
+        layers.check_model_padding(self.padding, type(self).__name__)
         init = nn.initializers.normal(0.01)
-        conv = layers.conv_factory(self.weight_std, self.dtype, kernel_init=init)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=init)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         cbr = functools.partial(BasicConv2d, conv=conv, norm=norm)
         run_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
         features = {}
 
         x = x.astype(self.dtype)
-        x = cbr(64, 7, 2, padding='symmetric', name='conv1')(x)
-        x = max_pool(x, 3, 2, ceil_mode=True)
+        x = cbr(64, 7, 2, padding='same', name='conv1')(x)
+        x = max_pool(x, 3, 2, ceil_mode=True, mode=self.padding)
         x = cbr(64, 1, name='conv2')(x)
-        x = cbr(192, 3, padding='symmetric', name='conv3')(x)
-        x = max_pool(x, 3, 2, ceil_mode=True)
+        x = cbr(192, 3, padding='same', name='conv3')(x)
+        x = max_pool(x, 3, 2, ceil_mode=True, mode=self.padding)
         features['stem'] = x
 
         aux = {}
         for s, stage in enumerate(self.stages):
             if s == 1:
-                x = max_pool(x, 3, 2, ceil_mode=True)
+                x = max_pool(x, 3, 2, ceil_mode=True, mode=self.padding)
             elif s == 2:
-                x = max_pool(x, 2, 2, ceil_mode=True)
+                x = max_pool(x, 2, 2, ceil_mode=True, mode=self.padding)
             for name, *widths in stage:
                 x = InceptionV1Block(tuple(widths), conv, norm, name=name)(x)
                 # Aux heads tap the outputs of 4a and 4d (Szegedy et al. 2015, Sec. 5).
@@ -374,6 +406,7 @@ class BNInceptionBlock(nn.Module):
         pool: ``'avg'`` or ``'max'``.
         conv: conv constructor.
         norm: norm constructor.
+        padding: padding mode of the pool (the convs pad in ``conv``'s mode).
     """
 
     strides: int
@@ -381,6 +414,7 @@ class BNInceptionBlock(nn.Module):
     pool: str
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
+    padding: str = 'symmetric'
 
     CONVS: ClassVar[tuple[str, ...]] = (
         'branch1', 'branch2.0', 'branch2.1', 'branch3.0', 'branch3.1', 'branch3.2', 'branch4.1'
@@ -390,16 +424,16 @@ class BNInceptionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c1, r3, c3, rd, d3, pp = self.widths
         s = self.strides
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
         outs = [cbr(c1, 1, name='branch1')(x)] if c1 else []
         outs.append(cbr(c3, 3, s, name='branch2_1')(cbr(r3, 1, name='branch2_0')(x)))
         y = cbr(d3, 3, name='branch3_1')(cbr(rd, 1, name='branch3_0')(x))
         outs.append(cbr(d3, 3, s, name='branch3_2')(y))
         # Pad 1 (not Caffe's ceil-mode, pad 0) keeps every branch at ceil(n / s) for any n.
         if self.pool == 'max':
-            y = max_pool(x, 3, s, padding=1)
+            y = max_pool(x, 3, s, padding=1, mode=self.padding)
         else:
-            y = avg_pool(x, 3, s, padding=1)
+            y = avg_pool(x, 3, s, padding=1, mode=self.padding)
         outs.append(cbr(pp, 1, name='branch4_1')(y) if pp else y)
         return jnp.concatenate(outs, axis=-1)
 
@@ -429,6 +463,7 @@ class BNInception(nn.Module):
         weight_std: weight-standardised convs.
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier.
+        padding: padding mode of the padded convs and pools (see the module docstring).
     """
 
     stages: tuple = BN_INCEPTION_STAGES
@@ -438,23 +473,28 @@ class BNInception(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """Applies the network to NHWC images; returns logits (and the feature dict)."""
         check_norm(self.norm)
-        conv = layers.conv_factory(self.weight_std, self.dtype)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        cbr = functools.partial(BasicConv2d, conv=conv, norm=norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=conv, norm=norm, padding='same')
+        pool = functools.partial(max_pool, window=3, strides=2, padding=1, mode=self.padding)
         features = {}
 
         x = x.astype(self.dtype)
-        x = max_pool(cbr(64, 7, 2, name='conv1')(x), 3, 2, padding=1)
-        x = max_pool(cbr(192, 3, name='conv3')(cbr(64, 1, name='conv2')(x)), 3, 2, padding=1)
+        x = pool(cbr(64, 7, 2, name='conv1')(x))
+        x = pool(cbr(192, 3, name='conv3')(cbr(64, 1, name='conv2')(x)))
         features['stem'] = x
         for s, stage in enumerate(self.stages):
-            for name, strides, c1, r3, c3, rd, d3, pool, pp in stage:
-                x = BNInceptionBlock(strides, (c1, r3, c3, rd, d3, pp), pool, conv, norm, name=name)(x)
+            for name, strides, c1, r3, c3, rd, d3, pool_kind, pp in stage:
+                x = BNInceptionBlock(
+                    strides, (c1, r3, c3, rd, d3, pp), pool_kind, conv, norm, self.padding, name=name
+                )(x)
             features[f'stage{s + 1}'] = x
 
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
@@ -488,7 +528,7 @@ class InceptionV3A(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
         b1 = cbr(64, 1, name='branch1x1')(x)
         b5 = cbr(64, 5, name='branch5x5_2')(cbr(48, 1, name='branch5x5_1')(x))
         b3 = cbr(64, 1, name='branch3x3dbl_1')(x)
@@ -510,7 +550,7 @@ class InceptionV3B(nn.Module):
         cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm)
         b3 = cbr(384, 3, 2, name='branch3x3')(x)
         bd = cbr(64, 1, name='branch3x3dbl_1')(x)
-        bd = cbr(96, 3, padding='symmetric', name='branch3x3dbl_2')(bd)
+        bd = cbr(96, 3, padding='same', name='branch3x3dbl_2')(bd)
         bd = cbr(96, 3, 2, name='branch3x3dbl_3')(bd)
         return jnp.concatenate([b3, bd, max_pool(x, 3, 2)], axis=-1)
 
@@ -536,7 +576,7 @@ class InceptionV3C(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c7 = self.channels_7x7
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
         b1 = cbr(192, 1, name='branch1x1')(x)
         b7 = cbr(c7, 1, name='branch7x7_1')(x)
         b7 = cbr(c7, (1, 7), name='branch7x7_2')(b7)
@@ -564,8 +604,8 @@ class InceptionV3D(nn.Module):
         cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm)
         b3 = cbr(320, 3, 2, name='branch3x3_2')(cbr(192, 1, name='branch3x3_1')(x))
         b7 = cbr(192, 1, name='branch7x7x3_1')(x)
-        b7 = cbr(192, (1, 7), padding='symmetric', name='branch7x7x3_2')(b7)
-        b7 = cbr(192, (7, 1), padding='symmetric', name='branch7x7x3_3')(b7)
+        b7 = cbr(192, (1, 7), padding='same', name='branch7x7x3_2')(b7)
+        b7 = cbr(192, (7, 1), padding='same', name='branch7x7x3_3')(b7)
         b7 = cbr(192, 3, 2, name='branch7x7x3_4')(b7)
         return jnp.concatenate([b3, b7, max_pool(x, 3, 2)], axis=-1)
 
@@ -583,7 +623,7 @@ class InceptionV3E(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
         b1 = cbr(320, 1, name='branch1x1')(x)
         b3 = cbr(384, 1, name='branch3x3_1')(x)
         b3 = [cbr(384, (1, 3), name='branch3x3_2a')(b3), cbr(384, (3, 1), name='branch3x3_2b')(b3)]
@@ -642,6 +682,9 @@ class InceptionV3(nn.Module):
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier (timm default 0).
         aux_logits: build the auxiliary classifier (see the module docstring).
+        padding: padding mode of the padded convs (see the module docstring); every
+            padded conv and pool of Inception v3 has stride 1 (its strided ones are
+            unpadded), so ``'tf_same'`` computes the same network as ``'symmetric'``.
     """
 
     stages: tuple = INCEPTION_V3_STAGES
@@ -652,13 +695,15 @@ class InceptionV3(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     aux_logits: bool = False
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """Applies the network to NHWC images (>= 75 px); returns logits (and features)."""
         check_norm(self.norm)
+        layers.check_model_padding(self.padding, type(self).__name__)
         init = nn.initializers.normal(0.1)
-        conv = layers.conv_factory(self.weight_std, self.dtype, kernel_init=init)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=init)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         cbr = functools.partial(BasicConv2d, conv=conv, norm=norm)
         run_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
@@ -667,7 +712,7 @@ class InceptionV3(nn.Module):
         x = x.astype(self.dtype)
         x = cbr(32, 3, 2, name='Conv2d_1a_3x3')(x)
         x = cbr(32, 3, name='Conv2d_2a_3x3')(x)
-        x = cbr(64, 3, padding='symmetric', name='Conv2d_2b_3x3')(x)
+        x = cbr(64, 3, padding='same', name='Conv2d_2b_3x3')(x)
         x = max_pool(x, 3, 2)
         x = cbr(80, 1, name='Conv2d_3b_1x1')(x)
         x = cbr(192, 3, name='Conv2d_4a_3x3')(x)

@@ -24,6 +24,11 @@ follows would multiply the residual by ~sqrt(fan_in) (11-21x here).
 Initialisation is torch's default (timm leaves it): kernels uniform +-1/sqrt(fan_in)
 (kaiming_uniform, a=sqrt(5)), biases likewise; norm scale 1, bias 0.
 
+Both networks have a ``padding`` field (``'symmetric'`` or ``'tf_same'``) for uniformity with
+the other families; as in TF-slim, every strided conv and pool is unpadded and every padded
+one has stride 1, where TF ``SAME`` pads ``k // 2`` on both sides like torch, so both modes
+compute the same network.
+
 Feature maps (``return_features=True``): ``stem`` (35x35 at 299 px, stride 8), ``stage1``
 (35x35), ``stage2`` (17x17), ``stage3`` (8x8), ``pre_logits``. Inputs must be >= 75 px.
 """
@@ -64,7 +69,7 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in'
 
 class Conv(NamedTuple):
     """One conv + norm + ReLU layer of a branch: torch ``padding`` is 0 (``'valid'``) or
-    ``k // 2`` (``'symmetric'``)."""
+    ``k // 2`` (``'same'``, in the model's padding mode; see :class:`BasicConv2d`)."""
 
     features: int
     kernel: int | tuple[int, int] = 1
@@ -83,7 +88,7 @@ Branch = tuple[Conv | Pool, ...]
 
 
 def _s(features: int, kernel: int | tuple[int, int] = 1, strides: int = 1) -> Conv:
-    return Conv(features, kernel, strides, 'symmetric')
+    return Conv(features, kernel, strides, 'same')
 
 
 def _v(features: int, kernel: int | tuple[int, int] = 1, strides: int = 1) -> Conv:
@@ -257,7 +262,7 @@ class InceptionV4C(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='symmetric')
+        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
         b0 = cbr(256, 1, name='branch0')(x)
         b1 = cbr(384, 1, name='branch1_0')(x)
         b1 = [cbr(256, (1, 3), name='branch1_1a')(b1), cbr(256, (3, 1), name='branch1_1b')(b1)]
@@ -272,7 +277,7 @@ def _stem(x: jax.Array, conv: Callable, norm: Callable, names: tuple[str, str, s
     """The three stem convs shared by both networks (Fig. 3): 32 3x3/2, 32 3x3, 64 3x3 same."""
     x = BasicConv2d(32, 3, 2, conv=conv, norm=norm, name=names[0])(x)
     x = BasicConv2d(32, 3, conv=conv, norm=norm, name=names[1])(x)
-    return BasicConv2d(64, 3, padding='symmetric', conv=conv, norm=norm, name=names[2])(x)
+    return BasicConv2d(64, 3, padding='same', conv=conv, norm=norm, name=names[2])(x)
 
 
 def _head(model: nn.Module, x: jax.Array, features: dict, train: bool, name: str, return_features: bool):
@@ -295,6 +300,8 @@ class InceptionV4(nn.Module):
         weight_std: weight-standardised convs.
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier (timm default 0).
+        padding: padding mode of the padded convs (the same network in both modes, see
+            the module docstring).
     """
 
     stages: tuple = INCEPTION_V4_STAGES
@@ -304,12 +311,16 @@ class InceptionV4(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """Applies the network to NHWC images; returns logits (and the feature dict)."""
         check_norm(self.norm)
-        conv = layers.conv_factory(self.weight_std, self.dtype, kernel_init=torch_default_kernel_init)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(
+            self.weight_std, self.dtype, self.padding, kernel_init=torch_default_kernel_init
+        )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         features = {}
 
@@ -375,6 +386,8 @@ class InceptionResNetV2(nn.Module):
         drop_rate: dropout before the classifier (timm default 0).
         drop_path_rate: stochastic depth; residual unit ``i`` of ``n`` (40) uses
             ``drop_path_rate * i / (n - 1)``.
+        padding: padding mode of the padded convs (the same network in both modes, see
+            the module docstring).
     """
 
     stages: tuple = INCEPTION_RESNET_V2_STAGES
@@ -385,12 +398,16 @@ class InceptionResNetV2(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """Applies the network to NHWC images; returns logits (and the feature dict)."""
         check_norm(self.norm)
-        conv = layers.conv_factory(self.weight_std, self.dtype, kernel_init=torch_default_kernel_init)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(
+            self.weight_std, self.dtype, self.padding, kernel_init=torch_default_kernel_init
+        )
         proj_conv = layers.conv_factory(False, self.dtype, kernel_init=torch_default_kernel_init)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         blocks = INCEPTION_RESNET_V2_BLOCKS

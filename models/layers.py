@@ -25,6 +25,8 @@ Dtype = Any
 Padding = str | Sequence[tuple[int, int]]
 
 PADDING_MODES = ('symmetric', 'tf_same', 'valid')
+# Values of the model-level ``padding`` field; 'valid' is a per-layer choice only.
+MODEL_PADDING_MODES = ('symmetric', 'tf_same')
 NORMS = ('batch', 'group', 'none')
 
 # torch.nn.Conv2d's default kaiming_normal_(mode='fan_out', nonlinearity='relu') as used by
@@ -73,6 +75,23 @@ def get_padding(
     if mode == 'valid':
         return 'VALID'
     raise ValueError(f'padding mode must be one of {PADDING_MODES}, got {mode!r}')
+
+
+def check_model_padding(padding: str, model: str) -> None:
+    """Rejects a model-level ``padding`` field value that is not in :data:`MODEL_PADDING_MODES`.
+
+    A family's ``padding`` field says how its padded layers pad (see :func:`get_padding`);
+    its unpadded layers stay unpadded in every mode, so ``'valid'`` is no model setting.
+
+    Args:
+        padding: the field's value.
+        model: class name for the message.
+
+    Raises:
+        ValueError: naming the allowed modes.
+    """
+    if padding not in MODEL_PADDING_MODES:
+        raise ValueError(f'{model} padding must be one of {MODEL_PADDING_MODES}, got {padding!r}')
 
 
 def standardize_kernel(kernel: jax.Array, eps: float) -> jax.Array:

@@ -175,6 +175,10 @@ class LeNet5(nn.Module):
         weight_std: weight-standardised convs.
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout rate before the output layer.
+        padding: accepted for uniformity with the other families (``'symmetric'`` or
+            ``'tf_same'``); LeNet-5 has no padded layers (its convs and subsampling are
+            unpadded by design, and the S4 zero-fill for inputs under 32 px is a size fix,
+            not a layer's padding), so both modes give the same network.
     """
 
     num_classes: int = 10
@@ -182,6 +186,7 @@ class LeNet5(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -197,6 +202,7 @@ class LeNet5(nn.Module):
             float32 logits (B, num_classes) (F6 features when ``num_classes == 0``), and the
             feature dict when ``return_features``.
         """
+        layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
             self.weight_std, self.dtype, padding='valid', kernel_init=nn.initializers.lecun_normal()
         )

@@ -29,7 +29,10 @@ cell before last has twice the resolution. The cell after a reduction cell reads
 reduction's output and the reduction's own input before last (timm: ``cell_6(reduction_cell_0,
 cell_4)``). TF 'SAME' padding (bottom/right extra) for
 strided convs and pools, BN eps 1e-3. timm's strided 3x3 average pools count the zero
-padding, its stride-1 ones do not; both are reproduced.
+padding, its stride-1 ones do not; both are reproduced. ``padding='tf_same'`` is therefore
+the default here (as in :mod:`models.nfnet`); ``'symmetric'`` pads the strided convs and
+pools by ``k // 2`` on both sides instead (stride-1 layers are the same in both modes, and
+the stem conv is unpadded in both).
 
 timm names modules irregularly (``cell_stem_0``, ``cell_5``, ``reduction_cell_1``,
 ``comb_iter_2_right``, ``separable_1.depthwise_conv2d``); our module paths repeat them, and
@@ -43,6 +46,7 @@ cells, stride 8), ``stage1``..``stage3`` (the normal-cell stacks, stride 8, 16, 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -107,17 +111,19 @@ NASNET_A_REDUCTION = CellSpec(
 )
 
 
-def _pool(kind: str, x: jax.Array, strides: int) -> jax.Array:
-    """3x3 pools as in timm: TF SAME when strided (zeros counted by the average), torch
-    padding 1 excluding the pad from the average at stride 1."""
+def _pool(kind: str, x: jax.Array, strides: int, padding: str = "tf_same") -> jax.Array:
+    """3x3 pools as in timm: padded in mode ``padding`` when strided (TF SAME in timm;
+    zeros counted by the average), torch padding 1 excluding the pad from the average at
+    stride 1 (what TF SAME pads there too)."""
     if strides == 1:
         pad = ((1, 1), (1, 1))
         if kind == "max":
             return nn.max_pool(x, (3, 3), padding=pad)
         return nn.avg_pool(x, (3, 3), padding=pad, count_include_pad=False)
+    pad = layers.get_padding(padding, 3, strides)
     if kind == "max":
-        return nn.max_pool(x, (3, 3), (strides, strides), padding="SAME")
-    return nn.avg_pool(x, (3, 3), (strides, strides), padding="SAME", count_include_pad=True)
+        return nn.max_pool(x, (3, 3), (strides, strides), padding=pad)
+    return nn.avg_pool(x, (3, 3), (strides, strides), padding=pad, count_include_pad=True)
 
 
 class BranchSeparables(nn.Module):
@@ -174,6 +180,7 @@ class Cell(nn.Module):
             ``'factorized'`` (factorised reduction, when it has twice the resolution) or
             ``'none'`` (the first stem cell, whose two inputs are the same raw stem output).
         drop_path_rate: drop-path probability of each non-identity op output.
+        padding: padding mode of the strided pools (the convs pad in ``conv``'s mode).
     """
 
     spec: CellSpec
@@ -182,6 +189,7 @@ class Cell(nn.Module):
     norm: Callable[..., nn.Module]
     prev: str = "conv"
     drop_path_rate: float = 0.0
+    padding: str = "tf_same"
 
     def _factorized_reduction(self, x: jax.Array) -> jax.Array:
         x = nn.relu(x)
@@ -202,7 +210,7 @@ class Cell(nn.Module):
                 self.filters, int(op[3:]), strides, self.conv, self.norm, name=name
             )(x)
         elif op in ("avg3", "max3"):
-            y = _pool(op[:3], x, strides)
+            y = _pool(op[:3], x, strides, self.padding)
         else:
             raise ValueError(f"unknown op {op!r}; known: {OPS}")
         return layers.DropPath(self.drop_path_rate)(y, train)
@@ -243,6 +251,8 @@ class NASNet(nn.Module):
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier.
         drop_path_rate: see the module docstring.
+        padding: padding mode of the padded convs and pools; ``'tf_same'`` (default) is
+            the reference's, see the module docstring.
     """
 
     cells_per_stage: int = 6
@@ -257,14 +267,16 @@ class NASNet(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    padding: str = "tf_same"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
+        layers.check_model_padding(self.padding, type(self).__name__)
         # TF 'SAME' is the symmetric torch padding for stride 1 and timm's dynamic
         # (bottom/right) padding for stride 2: exactly timm's pad_type='same'.
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, padding="tf_same", kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
         )
         norm = layers.norm_factory(
             self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3
@@ -277,14 +289,16 @@ class NASNet(nn.Module):
         def rate(index: int) -> float:
             return self.drop_path_rate * (index + 1) / total_cells
 
+        cell = functools.partial(Cell, padding=self.padding)
+
         x = x.astype(self.dtype)
         x0 = norm(name="conv0_bn")(
             conv(self.stem_filters, 3, 2, padding="valid", name="conv0_conv")(x)
         )
-        s0 = Cell(self.reduction_cell, filters // 4, conv, norm, prev="none", name="cell_stem_0")(
+        s0 = cell(self.reduction_cell, filters // 4, conv, norm, prev="none", name="cell_stem_0")(
             x0, x0, train
         )
-        s1 = Cell(
+        s1 = cell(
             self.reduction_cell, filters // 2, conv, norm, prev="factorized", name="cell_stem_1"
         )(s0, x0, train)
         features["stem"] = s1
@@ -293,7 +307,7 @@ class NASNet(nn.Module):
         for stage in range(3):
             width = filters * 2**stage
             if stage > 0:
-                red = Cell(
+                red = cell(
                     self.reduction_cell,
                     width,
                     conv,
@@ -309,7 +323,7 @@ class NASNet(nn.Module):
             for c in range(n):
                 # The first cell after a reduction (and the one after the stem, whose
                 # before-last input is cell_stem_0) sees that input at twice the resolution.
-                nxt = Cell(
+                nxt = cell(
                     self.normal_cell,
                     width,
                     conv,

@@ -114,6 +114,10 @@ class SENet(nn.Module):
         drop_rate: dropout before the classifier (0.2 in the reference).
         drop_path_rate: stochastic depth, linear in the block index as in ResNet.
         zero_init_last: zero-init the last norm scale of every residual branch.
+        padding: padding mode of the convs and the stem pool (see
+            :func:`layers.get_padding`); with ``'tf_same'`` the ceil-mode stem pool becomes
+            a TF ``SAME`` pool, which agrees with it at even sizes and pads one pixel on both
+            sides (one more output) at odd ones.
     """
 
     stage_sizes: tuple[int, ...] = (3, 8, 36, 3)
@@ -128,6 +132,7 @@ class SENet(nn.Module):
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
     zero_init_last: bool = False
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -146,7 +151,8 @@ class SENet(nn.Module):
             raise ValueError(f"SENet norm must be 'batch' or 'group', got {self.norm!r}")
         if len(self.stage_sizes) != 4:
             raise ValueError('SENet has four stages')
-        conv = layers.conv_factory(self.weight_std, self.dtype)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
 
@@ -154,7 +160,10 @@ class SENet(nn.Module):
         for i, (width, stride) in enumerate(((64, 2), (64, 1), (self.stem_width, 1)), start=1):
             x = conv(width, 3, stride, name=f'layer0_conv{i}')(x)
             x = nn.relu(norm(name=f'layer0_bn{i}')(x))
-        pads = [_ceil_pool_padding(n, 3, 2) for n in x.shape[1:3]]
+        if self.padding == 'tf_same':
+            pads = 'SAME'
+        else:
+            pads = [_ceil_pool_padding(n, 3, 2) for n in x.shape[1:3]]
         x = nn.max_pool(x, (3, 3), (2, 2), padding=pads)
         features['stem'] = x
 

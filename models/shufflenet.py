@@ -92,9 +92,9 @@ def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape(*lead, groups, c // groups).swapaxes(-1, -2).reshape(*lead, c)
 
 
-def _stem(conv, norm, x: jax.Array, features: int) -> jax.Array:
+def _stem(conv, norm, x: jax.Array, features: int, padding: str) -> jax.Array:
     x = nn.relu(norm(name="conv1_bn")(conv(features, 3, 2, name="conv1_conv")(x)))
-    return nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    return nn.max_pool(x, (3, 3), (2, 2), padding=layers.get_padding(padding, 3, 2))
 
 
 def _head(model: nn.Module, x: jax.Array, train: bool) -> jax.Array:
@@ -161,6 +161,8 @@ class ShuffleNetV2(nn.Module):
         weight_std: weight-standardised convs (BiT).
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier.
+        padding: padding mode of the convs and the stem pool (see
+            :func:`layers.get_padding`).
     """
 
     widths: tuple[int, int, int, int, int] = V2_WIDTHS["x1_0"]
@@ -171,16 +173,18 @@ class ShuffleNetV2(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
+        layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
-        x = _stem(conv, norm, x.astype(self.dtype), self.widths[0])
+        x = _stem(conv, norm, x.astype(self.dtype), self.widths[0], self.padding)
         features["stem"] = x
         for s, (repeats, width) in enumerate(
             zip(self.stage_repeats, self.widths[1:4], strict=True)
@@ -208,6 +212,8 @@ class ShuffleUnit(nn.Module):
         conv: conv constructor from :func:`layers.conv_factory`.
         norm: norm constructor from :func:`layers.norm_factory`.
         drop_path_rate: stochastic-depth rate of the residual branch (stride-1 units).
+        padding: padding mode of the shortcut's average pool (the convs pad in ``conv``'s
+            mode).
     """
 
     features: int
@@ -217,6 +223,7 @@ class ShuffleUnit(nn.Module):
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
     drop_path_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -235,7 +242,11 @@ class ShuffleUnit(nn.Module):
         if self.strides == 2:
             # torch AvgPool2d(3, 2, 1) with count_include_pad=True, as in the authors' code.
             shortcut = nn.avg_pool(
-                x, (3, 3), (2, 2), padding=((1, 1), (1, 1)), count_include_pad=True
+                x,
+                (3, 3),
+                (2, 2),
+                padding=layers.get_padding(self.padding, 3, 2),
+                count_include_pad=True,
             )
             return nn.relu(jnp.concatenate([shortcut, y], axis=-1))
         return nn.relu(x + layers.DropPath(self.drop_path_rate)(y, train))
@@ -255,6 +266,8 @@ class ShuffleNetV1(nn.Module):
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the stride-1 units (linear over all units).
+        padding: padding mode of the convs and pools (see :func:`layers.get_padding`);
+            ``'tf_same'`` keeps the shortcut pool's counting of padded zeros.
     """
 
     groups: int = 3
@@ -267,18 +280,20 @@ class ShuffleNetV1(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
         if self.groups not in V1_WIDTHS:
             raise ValueError(f"groups must be one of {sorted(V1_WIDTHS)}, got {self.groups}")
+        layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
-        x = _stem(conv, norm, x.astype(self.dtype), self.stem_width)
+        x = _stem(conv, norm, x.astype(self.dtype), self.stem_width, self.padding)
         features["stem"] = x
         n = sum(self.stage_repeats)
         index = 0
@@ -294,6 +309,7 @@ class ShuffleNetV1(nn.Module):
                     conv=conv,
                     norm=norm,
                     drop_path_rate=self.drop_path_rate * index / max(n - 1, 1),
+                    padding=self.padding,
                     name=f"stage{s + 2}_{b}",
                 )(x, train)
                 index += 1

@@ -53,8 +53,11 @@ SQUEEZENET_STEMS: dict[str, tuple[int, int]] = {'1_0': (96, 7), '1_1': (64, 3)}
 _torch_conv_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'uniform')
 
 
-def _max_pool_ceil(x: jax.Array) -> jax.Array:
-    """3x3/2 max-pool with torch's ``ceil_mode=True``: pads the bottom/right with -inf."""
+def _max_pool_ceil(x: jax.Array, padding: str = 'symmetric') -> jax.Array:
+    """3x3/2 max-pool with torch's ``ceil_mode=True`` (pads the bottom/right with -inf), or
+    TF ``SAME`` when ``padding='tf_same'``."""
+    if padding == 'tf_same':
+        return nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
     pads = []
     for size in x.shape[1:3]:
         out = math.ceil((size - 3) / 2) + 1
@@ -105,6 +108,10 @@ class SqueezeNet(nn.Module):
         weight_std: weight-standardised convs (body and classifier conv).
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier conv (0.5 in the reference).
+        padding: padding mode of the 3x3 expand convs and the max-pools (see
+            :func:`layers.get_padding`); the stem conv is unpadded in both modes. With
+            ``'tf_same'`` the ceil-mode pools become TF ``SAME`` pools, which agree with them
+            at even sizes and pad one pixel on both sides (one more output) at odd ones.
     """
 
     version: str = '1_0'
@@ -114,6 +121,7 @@ class SqueezeNet(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.5
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -130,16 +138,18 @@ class SqueezeNet(nn.Module):
         """
         if self.version not in SQUEEZENET_STAGES:
             raise ValueError(f'version must be one of {sorted(SQUEEZENET_STAGES)}, got {self.version!r}')
-        conv = layers.conv_factory(self.weight_std, self.dtype, 'valid', kernel_init=_torch_conv_init)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        # The 3x3 expand convs pad by 1 (torchvision); the 1x1 convs are unpadded in either mode.
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=_torch_conv_init)
         norm = None if self.norm == 'none' else layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
 
         x = x.astype(self.dtype)
         width, kernel = SQUEEZENET_STEMS[self.version]
-        x = conv(width, kernel, 2, use_bias=norm is None, name='features_0')(x)
+        x = conv(width, kernel, 2, padding='valid', use_bias=norm is None, name='features_0')(x)
         if norm is not None:
             x = norm(name='features_0_norm')(x)
-        x = _max_pool_ceil(nn.relu(x))
+        x = _max_pool_ceil(nn.relu(x), self.padding)
         features['stem'] = x
 
         # Our names carry torchvision's Sequential index: conv 0, ReLU 1, pool 2, then Fire
@@ -147,12 +157,10 @@ class SqueezeNet(nn.Module):
         index = 3
         for s, stage in enumerate(SQUEEZENET_STAGES[self.version]):
             if s > 0:
-                x = _max_pool_ceil(x)
+                x = _max_pool_ceil(x, self.padding)
                 index += 1
             for squeeze, e1, e3 in stage:
-                # 3x3 expand convs pad by 1 (torchvision); the 1x1 convs need none.
-                fire_conv = _fire_conv(conv)
-                x = Fire(squeeze, e1, e3, fire_conv, norm, name=f'features_{index}')(x)
+                x = Fire(squeeze, e1, e3, conv, norm, name=f'features_{index}')(x)
                 index += 1
             features[f'stage{s + 1}'] = x
 
@@ -167,13 +175,6 @@ class SqueezeNet(nn.Module):
         )(x)
         x = jnp.mean(nn.relu(x).astype(jnp.float32), axis=(1, 2))
         return (x, features) if return_features else x
-
-
-def _fire_conv(conv: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    def make(features: int, kernel: int, *args, **kwargs) -> nn.Module:
-        return conv(features, kernel, *args, padding='symmetric' if kernel == 3 else 'valid', **kwargs)
-
-    return make
 
 
 # torchvision names (features.K.squeeze / .expand1x1 / .expand3x3, classifier.1); the norm

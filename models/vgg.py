@@ -82,6 +82,10 @@ class VGG(nn.Module):
         weight_std: weight-standardised convs (BiT).
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout after fc6 and fc7 (0.5 in the paper and torchvision).
+        padding: padding mode of the 3x3 convs (see :func:`layers.get_padding`); every conv
+            has stride 1, where TF ``SAME`` pads 1 on each side like torch, so
+            ``'tf_same'`` computes the same network as ``'symmetric'``. The max-pools are
+            unpadded in both modes.
     """
 
     depths: tuple[int, ...]
@@ -92,6 +96,7 @@ class VGG(nn.Module):
     weight_std: bool = False
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.5
+    padding: str = 'symmetric'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -108,7 +113,8 @@ class VGG(nn.Module):
         """
         if len(self.depths) != len(self.widths):
             raise ValueError('depths and widths need one entry per block')
-        conv = layers.conv_factory(self.weight_std, self.dtype, padding='symmetric')
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
 

@@ -166,12 +166,14 @@ class LegacyXceptionBlock(nn.Module):
         conv: conv constructor from :func:`layers.conv_factory`.
         norm: norm constructor from :func:`layers.norm_factory`.
         drop_path_rate: stochastic-depth rate of the residual branch.
+        padding: padding mode of the strided max-pool (the convs pad in ``conv``'s mode).
     """
 
     cfg: LegacyBlock
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
     drop_path_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -190,7 +192,8 @@ class LegacyXceptionBlock(nn.Module):
             y = self.norm(name=f"rep{bn}")(y)
             cin = cout
         if c.strides != 1:
-            y = nn.max_pool(y, (3, 3), (c.strides, c.strides), padding=((1, 1), (1, 1)))
+            pads = layers.get_padding(self.padding, 3, c.strides)
+            y = nn.max_pool(y, (3, 3), (c.strides, c.strides), padding=pads)
         if c.strides != 1 or c.in_features != c.features:
             x = self.conv(c.features, 1, c.strides, name="skip")(x)
             x = self.norm(name="skipbn")(x)
@@ -209,6 +212,8 @@ class Xception(nn.Module):
         dtype: compute dtype; parameters and logits are float32.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the residual modules (linear over modules).
+        padding: padding mode of the padded convs and max-pools (see
+            :func:`layers.get_padding`); the stem convs stay unpadded in both modes.
     """
 
     blocks: tuple[LegacyBlock, ...] = LEGACY_BLOCKS
@@ -219,11 +224,13 @@ class Xception(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        conv = layers.conv_factory(self.weight_std, self.dtype)
+        layers.check_model_padding(self.padding, type(self).__name__)
+        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
         x = x.astype(self.dtype)
@@ -236,7 +243,12 @@ class Xception(nn.Module):
         stage = 1
         for i, cfg in enumerate(self.blocks):
             x = LegacyXceptionBlock(
-                cfg, conv, norm, self.drop_path_rate * i / max(n - 1, 1), name=f"block{i + 1}"
+                cfg,
+                conv,
+                norm,
+                self.drop_path_rate * i / max(n - 1, 1),
+                self.padding,
+                name=f"block{i + 1}",
             )(x, train)
             if ends[i]:
                 features[f"stage{stage}"] = x
@@ -297,7 +309,8 @@ class AlignedXceptionBlock(nn.Module):
 class XceptionAligned(nn.Module):
     """Aligned Xception (DeepLab v3+), timm ``xception41/65/71`` layout, output stride 32.
 
-    Attributes: as :class:`Xception`; ``blocks`` is a row of :data:`ALIGNED_BLOCKS`.
+    Attributes: as :class:`Xception`; ``blocks`` is a row of :data:`ALIGNED_BLOCKS`, and
+    ``padding`` covers every conv (the stem's included; there are no pools).
     """
 
     blocks: tuple[AlignedBlock, ...] = ALIGNED_BLOCKS[65]
@@ -308,12 +321,14 @@ class XceptionAligned(nn.Module):
     dtype: layers.Dtype = jnp.float32
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
+        layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
         )
         # timm: BatchNorm2d(eps=1e-3, momentum=0.1), the TF checkpoints' epsilon.
         norm = layers.norm_factory(

@@ -329,6 +329,76 @@ def test_cifar_stem_features(tiny):
     assert feats['stage4'].shape == (2, 4, 4, 128)
 
 
+# ----------------------------------------------------------------------------- padding
+
+
+def _first_model_of_each_family() -> list[str]:
+    """One registered name per family (VGG registers one family per variant)."""
+    first: dict[str, str] = {}
+    for name in models.list_models():
+        first.setdefault(models.get_model_family(name), name)
+    return sorted(first.values())
+
+
+@pytest.mark.parametrize('name', _first_model_of_each_family())
+def test_padding_switch_reaches_every_family(name):
+    shape = (1, *models.get_model_cfg(name).input_size)
+    symmetric = models.create_model(name, padding='symmetric')
+    tf_same = models.create_model(name, padding='tf_same')
+    assert (symmetric.padding, tf_same.padding) == ('symmetric', 'tf_same')
+    # Padding adds no parameters: the same tree, so converted weights load in either mode.
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        _abstract_variables(symmetric, shape), _abstract_variables(tf_same, shape)
+    )
+    with pytest.raises(ValueError, match='symmetric') as info:
+        _abstract_variables(models.create_model(name, padding='reflect'), shape)
+    assert 'tf_same' in str(info.value) and 'reflect' in str(info.value)
+
+
+def _unit_scale_variables(model, shape, seed=0):
+    """Random variables keeping activations O(1): kernels N(0, 1/fan_in), norm scales near 1,
+    other vectors N(0, 0.01), BatchNorm statistics mean 0 / var 1 (no ``init`` compile)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        key = path[-1].key
+        if key in ('mean', 'var'):
+            return np.full(leaf.shape, float(key == 'var'), leaf.dtype)
+        if len(leaf.shape) > 1:
+            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        else:
+            value = 0.1 * rng.standard_normal(leaf.shape) + (key == 'scale')
+        return value.astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, _abstract_variables(model, shape))
+
+
+# Even inputs, where TF SAME pads a strided layer bottom/right only. squeezenet1_1: its
+# ceil-mode pools see odd maps (32 -> 15), where SAME pads both sides; legacy_xception at
+# 80 px: block3's max-pool sees an even map. LeNet-5 has no padded layers at all.
+@pytest.mark.parametrize(
+    'name, size, differs',
+    [
+        ('squeezenet1_1', 32, True),
+        ('shufflenet_v2_x0_5', 32, True),
+        ('legacy_xception', 80, True),
+        ('lenet5', 32, False),
+    ],
+)
+def test_tf_same_padding_changes_outputs(name, size, differs):
+    symmetric = models.create_model(name, num_classes=10)
+    tf_same = models.create_model(name, num_classes=10, padding='tf_same')
+    x = _normal((1, size, size, models.get_model_cfg(name).input_size[2]), seed=1)
+    variables = _unit_scale_variables(symmetric, x.shape)
+    expected = _run(functools.partial(symmetric.apply, train=False), variables, x)
+    got = _run(functools.partial(tf_same.apply, train=False), variables, x)
+    chex.assert_tree_all_finite((expected, got))
+    if differs:
+        assert float(jnp.abs(got - expected).max()) > 1e-3 * float(jnp.abs(expected).max())
+    else:
+        np.testing.assert_array_equal(got, expected)
+
+
 # ---------------------------------------------------------------------------- registry
 
 
