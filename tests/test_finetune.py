@@ -381,3 +381,42 @@ def test_convert_tool_parity_and_failures(tmp_path, capsys):
     assert convert_weights.main(['--model', 'resnet18', '--weights', bad, '--out', str(tmp_path / 'c')]) == 1
     assert 'truncated' in capsys.readouterr().err
     del torch
+
+
+def test_init_from_hub_goes_through_timm(monkeypatch):
+    timm = pytest.importorskip('timm')
+    calls = []
+    create = timm.create_model
+
+    def offline(model_id, pretrained=False, **kwargs):
+        calls.append((model_id, pretrained))
+        return create(model_id.split('.')[0], pretrained=False, **kwargs)  # no download in tests
+
+    monkeypatch.setattr(timm, 'create_model', offline)
+    loaded = finetune.load_from_hub('resnet18.a1_in1k', 'resnet18')
+    assert calls == [('resnet18.a1_in1k', True)]
+    assert loaded.unmatched == [] and ('params', 'fc', 'kernel') in loaded.arrays
+    assert loaded.arrays[('params', 'conv1', 'kernel')].shape == (7, 7, 3, 64)  # HWIO
+
+
+def test_sharded_finetune_from_the_command_line(data_dir, pretrained, tmp_path):
+    """train.py on 8 fake devices: the pretrained arrays are placed in the state's
+    sharding, the classifier re-initialised for a 10 -> 10 class run forced by 'always'."""
+    from conftest import run_train
+
+    workdir = str(tmp_path / 'ft8')
+    run_train([
+        '--config', 'configs/finetune/digits.py', '--workdir', workdir,
+        f'--config.init_from={pretrained}', f'--config.data.data_dir={data_dir}',
+        '--config.model_kwargs.norm=batch', '--config.finetune.reinit_head=always',
+        '--config.num_train_steps=2', '--config.batch_size=16', '--config.eval_batch_size=400',
+        '--config.log_every_steps=1', '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
+    ], devices=8)
+    import json
+
+    with open(os.path.join(workdir, 'init_from.json')) as f:
+        summary = json.load(f)
+    assert summary['head_reinitialised'] == ['params/fc/bias', 'params/fc/kernel']
+    assert summary['loaded'] > 0 and summary['not_loaded'] == []
+    with open(os.path.join(workdir, 'results.json')) as f:
+        assert json.load(f)['step'] == 2
