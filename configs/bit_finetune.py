@@ -27,49 +27,28 @@ accelerator here).
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-import input_pipeline
+from configs import default
 from trainers import finetune
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.trainer = 'supervised'
+    config = finetune.add_config_fields(default.get_config())
     config.model = 'resnetv2_50x1_bit'
-    config.model_kwargs = ml_collections.ConfigDict(dict(
-        norm=placeholder(str), weight_std=placeholder(bool), drop_rate=placeholder(float),
-        drop_path_rate=placeholder(float),
-    ))
     config.dataset = 'cifar10'
-    config.train_split = 'train'
     config.eval_split = 'test'
-    config.image_size = 0  # set by the HyperRule
-    config.data = input_pipeline.default_data_config()
-    config.data.preprocess = 'small'  # the HyperRule resizes; no ImageNet centre crop
+    config.data.flip = True  # natural images; BiT flips
+    # image_size, num_train_steps, schedule, data.source_size / train_augment / mixup_alpha:
+    # set by the HyperRule when the run starts.
+    config.hyperrule = 'bit'
 
-    config.seed = 0
     config.batch_size = 512
     config.eval_batch_size = 512
-    config.num_train_steps = 0  # set by the HyperRule
     config.log_every_steps = 50
     config.eval_every_steps = 500
     config.checkpoint_every_steps = 500
-    config.keep_checkpoints = 2
-
     config.optimizer = ml_collections.ConfigDict(dict(name='sgd', momentum=0.9, weight_decay=0.0))
     config.learning_rate = 0.003
     config.lr_base_batch_size = 512
-    config.schedule = ml_collections.ConfigDict(dict(name='step'))  # set by the HyperRule
-    config.label_smoothing = 0.0
-    config.ema_decay = 0.0
-    config.grad_clip_norm = 0.0
-    config.compute_dtype = 'float32'
-    config.shard_params = False
-    config.prefetch_to_device = 2
-
-    finetune.add_config_fields(config)
-    config.hyperrule = 'bit'
     config.finetune.head_init = 'zeros'
-    config.finetune.reinit_head = 'auto'
     return config
