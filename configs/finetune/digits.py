@@ -19,8 +19,10 @@ re-initialises the classifier only when the class count differs; `'always'` forc
 300 steps of batch 50 (150 epochs of the 100 images), SGD + Nesterov 0.9, LR 0.01 with
 cosine decay, weight decay 5e-4; the from-scratch arm uses exactly the same settings.
 
-Expected result (3 seeds, see README): the pretrained start wins clearly over training
-from scratch on the same 100 images. Time: about 1 minute each on a 2-core CPU.
+Expected result (held-out top-1, seeds 0/1/2, see README): from the default mnist5k run
+97.00 +- 0.25 % (96.75, 97.00, 97.25); from scratch 93.08 +- 0.29 % (92.75, 93.25, 93.25),
+i.e. +3.9 points for the pretrained start. Time: about 1.5 minutes per run on a 2-core
+CPU (30 s of it training).
 """
 
 import ml_collections
