@@ -9,9 +9,8 @@ plus RandAugment digits N=2, M=9), optimizer and batch size (32 labeled images) 
 MPL run, for as many steps as the MPL student takes in total (1,500 MPL + 300
 fine-tuning steps). The unlabeled 3,750 digits are not used.
 
-Expected result: not measured yet with this config (the Noisy Student config's round-0
-teacher, trained the same way on the same 250 labels for 400 steps, reaches 92.0 +- 0.95 %
-over 3 seeds). Time: about 1 minute on a 2-core CPU.
+Expected result (held-out top-1, seeds 0/1/2): 95.03 +- 0.83 % (94.1, 95.3, 95.7); MPL on
+the same labels reaches 97.27 +- 0.31 %. Time: about 1.5 minutes on a 2-core CPU.
 """
 
 import ml_collections
