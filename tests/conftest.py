@@ -93,3 +93,31 @@ def run_train(args: list[str], *, devices: int = 1, timeout: int = 300, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
     return proc
+
+
+def run_train_multiprocess(args: list[str], *, num_processes: int = 2, devices: int = 2,
+                           timeout: int = 300) -> list[str]:
+    """Runs train.py as `num_processes` processes on 127.0.0.1 (jax.distributed, gloo),
+    each with `devices` fake CPU devices; returns their outputs, failing if any failed."""
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, 'train.py', *args, f'--coordinator_address=127.0.0.1:{port}',
+             f'--num_processes={num_processes}', f'--process_id={i}'],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(num_processes)
+    ]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            p.kill()
+    if any(p.returncode != 0 for p in procs):
+        raise AssertionError('\n'.join(o[-3000:] for o in outs))
+    return outs

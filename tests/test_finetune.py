@@ -399,24 +399,34 @@ def test_init_from_hub_goes_through_timm(monkeypatch):
     assert loaded.arrays[('params', 'conv1', 'kernel')].shape == (7, 7, 3, 64)  # HWIO
 
 
-def test_sharded_finetune_from_the_command_line(data_dir, pretrained, tmp_path):
-    """train.py on 8 fake devices: the pretrained arrays are placed in the state's
-    sharding, the classifier re-initialised for a 10 -> 10 class run forced by 'always'."""
-    from conftest import run_train
-
-    workdir = str(tmp_path / 'ft8')
-    run_train([
-        '--config', 'configs/finetune/digits.py', '--workdir', workdir,
-        f'--config.init_from={pretrained}', f'--config.data.data_dir={data_dir}',
-        '--config.model_kwargs.norm=batch', '--config.finetune.reinit_head=always',
-        '--config.num_train_steps=2', '--config.batch_size=16', '--config.eval_batch_size=400',
-        '--config.log_every_steps=1', '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
-    ], devices=8)
+def test_sharded_and_multi_process_finetune_from_the_command_line(data_dir, pretrained, tmp_path):
+    """train.py fine-tunes on 1 process x 4 devices and on 2 processes x 2 devices
+    (jax.distributed on 127.0.0.1): the pretrained arrays are placed in the state's
+    sharding across processes, and both runs see the same losses."""
     import json
 
-    with open(os.path.join(workdir, 'init_from.json')) as f:
-        summary = json.load(f)
-    assert summary['head_reinitialised'] == ['params/fc/bias', 'params/fc/kernel']
-    assert summary['loaded'] > 0 and summary['not_loaded'] == []
-    with open(os.path.join(workdir, 'results.json')) as f:
-        assert json.load(f)['step'] == 2
+    from conftest import read_jsonl, run_train, run_train_multiprocess
+
+    def args(workdir):
+        return [
+            '--config', 'configs/finetune/digits.py', '--workdir', workdir,
+            f'--config.init_from={pretrained}', f'--config.data.data_dir={data_dir}',
+            '--config.model_kwargs.norm=batch', '--config.finetune.reinit_head=always',
+            '--config.num_train_steps=4', '--config.batch_size=16', '--config.eval_batch_size=400',
+            '--config.log_every_steps=1', '--config.eval_every_steps=4', '--config.checkpoint_every_steps=4',
+        ]
+
+    single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+    run_train(args(single), devices=4)  # also prepares `digits` before two processes read it
+    run_train_multiprocess(args(multi), num_processes=2, devices=2)
+    for workdir in (single, multi):
+        with open(os.path.join(workdir, 'init_from.json')) as f:
+            summary = json.load(f)
+        assert summary['head_reinitialised'] == ['params/fc/bias', 'params/fc/kernel']
+        assert summary['loaded'] > 0 and summary['not_loaded'] == []
+    losses = [
+        np.array([r['loss'] for r in read_jsonl(os.path.join(w, 'metrics.jsonl')) if r['split'] == 'train'])
+        for w in (single, multi)
+    ]
+    assert len(losses[0]) == len(losses[1]) == 4
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 
 import input_pipeline
 import models
-from conftest import FAST_COMPILE_FLAGS, free_port, read_jsonl, run_train, small_config
+from conftest import read_jsonl, run_train, run_train_multiprocess, small_config
 from trainers import core, optim, supervised
 from trainers.checkpointing import CheckpointMismatchError, load_state_arrays
 
@@ -173,34 +173,10 @@ def test_one_vs_eight_devices_same_losses(data_dir, tmp_path):
 
 
 def test_two_processes_match_one_process(data_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     single = str(tmp_path / 'single')
     run_train(_cli(data_dir, single), devices=4)
     multi = str(tmp_path / 'multi')
-    port = free_port()
-    env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_FLAGS + ' --xla_force_host_platform_device_count=2',
-               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, 'train.py', *_cli(data_dir, multi),
-             f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), '\n'.join(o[-3000:] for o in outs)
+    run_train_multiprocess(_cli(data_dir, multi), num_processes=2, devices=2)
     a, b = _train_losses(single), _train_losses(multi)
     assert len(a) == len(b) == 10
     np.testing.assert_allclose(a, b, rtol=1e-5)

@@ -135,23 +135,39 @@ def _as_dict(state: Any) -> dict:
     return {f: getattr(state, f) for f in state.__dataclass_fields__}
 
 
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+    )
+
+
 def load_state_arrays(directory: str, step: int | None = None) -> tuple[int, dict]:
     """Reads a checkpoint's 'state' item as host numpy arrays, without a target.
 
     For inspection, tests and restoring weights into another run (fine-tuning). Returns
-    (step, state dict); `step=None` means the newest.
+    (step, state dict); `step=None` means the newest. Every array is read whole onto this
+    process's first device, whatever sharding it was saved with, so each process of a
+    multi-host job gets the full values (the saved sharding may name devices this process
+    cannot address).
     """
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=('state', 'meta'),
-    )
+    manager = _read_only_manager(directory)
     try:
         if step is None:
             step = manager.latest_step()
         if step is None:
             raise FileNotFoundError(f'No checkpoint in {directory}.')
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        if step not in manager.all_steps():
+            raise FileNotFoundError(
+                f'No checkpoint for step {step} in {directory} (steps there: {manager.all_steps()}).'
+            )
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+            manager.item_metadata(step)['state'],
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         return step, jax.tree.map(np.asarray, dict(restored['state']))
     finally:
         manager.close()
@@ -159,11 +175,7 @@ def load_state_arrays(directory: str, step: int | None = None) -> tuple[int, dic
 
 def load_checkpoint_meta(directory: str, step: int) -> dict:
     """A checkpoint's 'meta' item (model name, fingerprint, ...); {} when it has none."""
-    manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=('state', 'meta'),
-    )
+    manager = _read_only_manager(directory)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored['meta'] or {})
