@@ -430,3 +430,22 @@ def test_sharded_and_multi_process_finetune_from_the_command_line(data_dir, pret
     ]
     assert len(losses[0]) == len(losses[1]) == 4
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_any_step_of_a_workdir_can_be_the_source(pretrained):
+    steps = sorted(int(s) for s in os.listdir(os.path.join(pretrained, 'checkpoints')) if s.isdigit())
+    assert len(steps) >= 2  # keep_checkpoints=2 in the small config
+    older, newest = steps[0], steps[-1]
+    assert finetune.load_pretrained(pretrained, 'lenet5').description.endswith(
+        f"step {newest} of model 'lenet5'")
+    by_folder = finetune.load_pretrained(os.path.join(pretrained, 'checkpoints', str(older)), 'lenet5')
+    by_step = finetune.load_pretrained(pretrained, 'lenet5', step=older)
+    assert f'step {older}' in by_folder.description
+    for key, value in by_folder.arrays.items():
+        np.testing.assert_array_equal(value, by_step.arrays[key])
+    assert any(not np.array_equal(v, finetune.load_pretrained(pretrained, 'lenet5').arrays[k])
+               for k, v in by_step.arrays.items())
+    with pytest.raises(FileNotFoundError, match='No checkpoint for step 7'):
+        finetune.load_pretrained(pretrained, 'lenet5', step=7)
+    with pytest.raises(ValueError, match='give one of the two'):
+        finetune.load_pretrained(os.path.join(pretrained, 'checkpoints', str(older)), 'lenet5', step=newest)
