@@ -161,8 +161,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         if not hasattr(value, 'detach'):
             continue  # e.g. a stored epoch counter next to the tensors
         name = name.removeprefix('module.')  # DistributedDataParallel prefix
-        out[name] = value.detach().cpu().float().numpy() if value.is_floating_point() \
-            else value.detach().cpu().numpy()
+        tensor = value.detach().cpu()
+        # bfloat16 / float16 files: numpy has no bfloat16, and our params are float32.
+        out[name] = (tensor.float() if tensor.is_floating_point() else tensor).numpy()
     return out
 
 
@@ -469,7 +470,7 @@ def initialize_from_pretrained(state: Any, config: ml_collections.ConfigDict, nu
         reinit_head=ft.get('reinit_head', 'auto'),
         no_load=compile_patterns(ft.get('no_load', ()), 'no_load'),
     )
-    names = {k: n for k, n in source.names.items()}
+    names = dict(source.names)
     for k in flat:
         names.setdefault(k, convert.reference_name(config.model, k) if source.names else None)
     report = plan.report(source, config.model, names)
