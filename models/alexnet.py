@@ -300,7 +300,7 @@ class AlexNet(nn.Module):
             self.weight_std,
             self.dtype,
             padding='valid',
-            kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform'),
+            kernel_init=layers.torch_default_kernel_init,
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         use_bias = self.norm == 'none'

@@ -63,9 +63,6 @@ _PAPER = (
     'Residual Connections on Learning", AAAI 2017'
 )
 
-# torch.nn.Conv2d's default kernel init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
 
 class Conv(NamedTuple):
     """One conv + norm + ReLU layer of a branch: torch ``padding`` is 0 (``'valid'``) or
@@ -319,7 +316,7 @@ class InceptionV4(nn.Module):
         check_norm(self.norm)
         layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         features = {}
@@ -406,9 +403,9 @@ class InceptionResNetV2(nn.Module):
         check_norm(self.norm)
         layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
-        proj_conv = layers.conv_factory(False, self.dtype, kernel_init=torch_default_kernel_init)
+        proj_conv = layers.conv_factory(False, self.dtype, kernel_init=layers.torch_default_kernel_init)
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
         blocks = INCEPTION_RESNET_V2_BLOCKS
         n_units = 1 + sum(r for stage in self.stages for _, _, b, r, _ in stage if b.startswith('block'))

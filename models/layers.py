@@ -32,6 +32,9 @@ NORMS = ('batch', 'group', 'none')
 # torch.nn.Conv2d's default kaiming_normal_(mode='fan_out', nonlinearity='relu') as used by
 # torchvision ResNets: untruncated normal with variance 2 / (k * k * out_channels).
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torch.nn.Conv2d / Linear's own default, kaiming_uniform_(a=sqrt(5)): uniform with
+# variance 1 / (3 * fan_in), i.e. bounds +-1/sqrt(fan_in).
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -294,7 +297,7 @@ def torch_linear_init(fan_in: int) -> tuple[Callable[..., Any], Callable[..., An
     Both are uniform in +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5) for the weight).
     """
     bound = 1.0 / math.sqrt(fan_in)
-    kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+    kernel_init = torch_default_kernel_init
 
     def bias_init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32):
         return jax.random.uniform(key, shape, dtype, -bound, bound)

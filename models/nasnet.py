@@ -63,8 +63,6 @@ _PAPER = (
     'Recognition", CVPR 2018'
 )
 
-# torch.nn.Conv2d's default kernel init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-_torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 OPS = ("sep3", "sep5", "sep7", "avg3", "max3", "id")
 
@@ -276,7 +274,7 @@ class NASNet(nn.Module):
         # TF 'SAME' is the symmetric torch padding for stride 1 and timm's dynamic
         # (bottom/right) padding for stride 2: exactly timm's pad_type='same'.
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
         norm = layers.norm_factory(
             self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3

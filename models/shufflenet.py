@@ -58,8 +58,6 @@ _PAPER_V1 = (
     'for Mobile Devices", CVPR 2018'
 )
 
-# torch.nn.Conv2d's default kernel init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-_torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 # Units per stage, Ma et al. 2018 Table 5 and Zhang et al. 2018 Table 1.
 STAGE_REPEATS = (4, 8, 4)
@@ -180,7 +178,7 @@ class ShuffleNetV2(nn.Module):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
         layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}
@@ -289,7 +287,7 @@ class ShuffleNetV1(nn.Module):
             raise ValueError(f"groups must be one of {sorted(V1_WIDTHS)}, got {self.groups}")
         layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
         norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
         features = {}

@@ -47,9 +47,6 @@ _PAPER_ALIGNED = (
 )
 _INCEPTION_MEAN = (0.5, 0.5, 0.5)
 
-# torch.nn.Conv2d's default kernel init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
-_torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
 
 class LegacyBlock(NamedTuple):
     """One module of Fig. 5: ``reps`` x (ReLU, separable conv, BN), then a max-pool if strided.
@@ -328,7 +325,7 @@ class XceptionAligned(nn.Module):
         """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
         layers.check_model_padding(self.padding, type(self).__name__)
         conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=_torch_default_kernel_init
+            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
         )
         # timm: BatchNorm2d(eps=1e-3, momentum=0.1), the TF checkpoints' epsilon.
         norm = layers.norm_factory(
