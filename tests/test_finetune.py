@@ -14,7 +14,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from conftest import small_config
@@ -325,6 +324,7 @@ def test_reference_file_to_checkpoint_to_logits(name, resolution, fmt, tmp_path)
     config.init_from loader -> our logits == the reference's."""
     torch = pytest.importorskip('torch')
     from parity import randomize_norms
+
     from tools import convert_weights
 
     ref = _reference(name).eval()

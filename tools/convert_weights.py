@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models.get_model_cfg(args.model)
         overrides = parse_overrides(args.set)
-        state = finetune.read_state_dict(args.weights)
-        if finetune.is_bit_npz(state):
-            state = finetune.bit_to_timm(state)
+        state = finetune.read_state_dict(args.weights)  # BiT .npz come back in timm names
         num_classes = args.num_classes or infer_num_classes(args.model, state, overrides)
         variables = models.convert_state_dict(
             args.model, state, strict=True, num_classes=num_classes, **overrides

@@ -105,6 +105,9 @@ def add_config_fields(config: ml_collections.ConfigDict) -> ml_collections.Confi
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a reference weights file into a flat name -> array mapping.
 
+    BiT's released `.npz` files (TensorFlow names) come back in timm's ResNetV2 naming
+    (:func:`bit_to_timm`), so every result is ready for the families' name maps.
+
     Raises:
         WeightsFileError: naming the file and what is wrong with it.
     """
@@ -136,7 +139,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         ) from e
     if not state:
         raise WeightsFileError(f'Weights file {path!r} holds no arrays.')
-    return state
+    return bit_to_timm(state) if is_bit_npz(state) else state
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
@@ -237,12 +240,13 @@ class Pretrained:
     description: str
 
 
-def _sha256(path: str, limit: int = 16) -> str:
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (weights files can be large)."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
-    return h.hexdigest()[:limit]
+    return h.hexdigest()
 
 
 def _checkpoint_location(path: str, step: int | None) -> tuple[str, int | None]:
@@ -262,8 +266,6 @@ def _checkpoint_location(path: str, step: int | None) -> tuple[str, int | None]:
 
 def state_dict_to_pretrained(model_name: str, state: Mapping[str, np.ndarray], description: str) -> Pretrained:
     """Renames a reference state dict with the family's name map (no shape checks)."""
-    if is_bit_npz(state):
-        state = bit_to_timm(state)
     arrays, names, unmatched = convert.rename_state_dict(model_name, state)
     return Pretrained(arrays, names, unmatched, description)
 
@@ -275,7 +277,7 @@ def load_pretrained(
     if source.lower().endswith(WEIGHT_SUFFIXES) or os.path.isfile(source):
         state = read_state_dict(source)
         return state_dict_to_pretrained(
-            model_name, state, f'{os.path.abspath(source)} (sha256 {_sha256(source)})'
+            model_name, state, f'{os.path.abspath(source)} (sha256 {file_sha256(source)[:16]})'
         )
     if not os.path.isdir(source):
         raise FileNotFoundError(

@@ -31,7 +31,6 @@ Not implemented: the paper's optional online variant (teacher inside the student
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -45,7 +44,7 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 import models
-from trainers import core, supervised
+from trainers import core, finetune, supervised
 from trainers.checkpointing import load_state_arrays
 
 # Fine-tuning from pretrained weights is a supervised-trainer mode only.
@@ -116,11 +115,6 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: str) -> str:
-    with open(path, 'rb') as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def infer_logits(
     model,
     variables: dict,
@@ -173,7 +167,7 @@ def infer_logits(
     for k in range(num_shards):
         path = os.path.join(out_dir, f'shard-{k:05d}.npz')
         entry = manifest['shards'].get(str(k))
-        if entry and os.path.exists(path) and _sha256(path) == entry['sha256']:
+        if entry and os.path.exists(path) and finetune.file_sha256(path) == entry['sha256']:
             continue
         lo, hi = k * shard_size, min((k + 1) * shard_size, n)
         start_pass, count = input_pipeline.create_eval_iterator(
@@ -193,7 +187,7 @@ def infer_logits(
             tmp = path + '.tmp.npz'
             np.savez(tmp, index=np.arange(lo, hi), logits=logits.astype(np.float32))
             os.replace(tmp, path)
-            manifest['shards'][str(k)] = {'sha256': _sha256(path), 'count': hi - lo}
+            manifest['shards'][str(k)] = {'sha256': finetune.file_sha256(path), 'count': hi - lo}
             _atomic_write_json(manifest_path, manifest)
         done_images += hi - lo
     if done_images:
@@ -264,26 +258,18 @@ def _read_results(workdir: str) -> dict | None:
         return json.load(f)
 
 
-WEIGHT_FILE_SUFFIXES = ('.npz', '.safetensors')
-
-
 def _teacher_variables(directory: str, model_name: str, num_classes: int) -> tuple[dict, str]:
     """The teacher's variables and an id for the manifest.
 
     `directory` is a workdir or checkpoints/ folder (newest orbax checkpoint), or a
-    weights file in the reference's state-dict naming (`.npz` / `.safetensors`, e.g.
-    timm's `tf_efficientnet_b0` exported to numpy), converted strictly.
+    weights file in the reference's state-dict naming (any format `config.init_from`
+    reads: `.safetensors`, `.npz`, BiT `.npz`, PyTorch with weights_only), converted
+    strictly.
     """
-    if directory.endswith(WEIGHT_FILE_SUFFIXES):
-        if directory.endswith('.npz'):
-            with np.load(directory, allow_pickle=False) as z:
-                state_dict = {k: z[k] for k in z.files}
-        else:
-            from safetensors.numpy import load_file
-
-            state_dict = load_file(directory)
+    if directory.lower().endswith(finetune.WEIGHT_SUFFIXES):
+        state_dict = finetune.read_state_dict(directory)
         variables = models.convert_state_dict(model_name, state_dict, num_classes=num_classes)
-        return variables, f'{os.path.abspath(directory)}@{_sha256(directory)[:16]}'
+        return variables, f'{os.path.abspath(directory)}@{finetune.file_sha256(directory)[:16]}'
     ckpt_dir = os.path.join(directory, 'checkpoints')
     if not os.path.isdir(ckpt_dir):
         ckpt_dir = directory
