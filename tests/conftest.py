@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -111,13 +112,20 @@ def run_train_multiprocess(args: list[str], *, num_processes: int = 2, devices: 
         )
         for i in range(num_processes)
     ]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
+    deadline = time.monotonic() + timeout
+    outs, timed_out = [], False
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+        except subprocess.TimeoutExpired:
+            timed_out = True
             p.kill()
-    if any(p.returncode != 0 for p in procs):
-        raise AssertionError('\n'.join(o[-3000:] for o in outs))
+            outs.append(p.communicate()[0])
+    for p in procs:
+        p.kill()
+    if timed_out or any(p.returncode != 0 for p in procs):
+        why = f'timed out after {timeout} s' if timed_out else 'failed'
+        raise AssertionError(f'{num_processes}-process train.py {why}:\n' + '\n'.join(
+            f'--- process {i} (exit {p.returncode}):\n{(o or "")[-3000:]}'
+            for i, (p, o) in enumerate(zip(procs, outs))))
     return outs

@@ -9,8 +9,7 @@ computed over the global batch (synchronised BN) with no `axis_name` bookkeeping
 
 from __future__ import annotations
 
-import queue
-import threading
+import collections
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -314,44 +313,22 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 def prefetch_to_device(
     batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, size: int = 2
 ) -> Iterator[dict[str, jax.Array]]:
-    """Transfers batches to the devices in a background thread, `size` ahead.
+    """Keeps `size` batches transferred to the devices ahead of the consumer.
 
-    The host-to-device copy of batch t+1 then overlaps the step on batch t. The thread
-    ends when the consumer stops iterating (generator closed) or the source ends.
+    Transfers are asynchronous, so the copy of the next batches overlaps the running step
+    without a helper thread. Creating global arrays on a second thread while multi-device
+    programs with collectives were in flight deadlocked XLA:CPU with gloo collectives
+    (2 processes on one machine, `tests/test_trainer.py`), so everything stays on the
+    thread that dispatches the steps. Closing the generator stops reading the source.
     """
-    if size <= 0:
-        for b in batches:
-            yield to_global(b, sharding)
-        return
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    done = object()
-
-    def producer():
-        try:
-            for b in batches:
-                item = to_global(b, sharding)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # surfaced in the consumer's thread
-            q.put(e)
-
-    thread = threading.Thread(target=producer, daemon=True, name='prefetch_to_device')
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    source = iter(batches)
+    ahead: collections.deque = collections.deque()
+    while True:
+        while len(ahead) < max(size, 1):
+            batch = next(source, None)
+            if batch is None:
+                break
+            ahead.append(to_global(batch, sharding))
+        if not ahead:
+            return
+        yield ahead.popleft()
