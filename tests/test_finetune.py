@@ -207,6 +207,48 @@ def test_finetune_freezes_resumes_and_never_rereads_the_source(data_dir, pretrai
     assert any(not np.array_equal(_flat(a['params'])[k], _flat(src['params'])[k]) for k in trained)
 
 
+def test_frozen_parameters_get_no_gradient_and_no_update(data_dir):
+    """The step stops gradients at frozen parameters: `grad_norm` is the norm of the
+    trainable gradients alone, and frozen weights and statistics keep their values even
+    under weight decay."""
+    config = _config(data_dir, weight_decay=0.1)
+    config.schedule.warmup_steps = 0  # a non-zero learning rate at step 0
+    patterns = finetune.compile_patterns(('^(params|batch_stats)/(c1|n1)/',), 'freeze')
+    model = models.create_model(config.model, num_classes=10, **supervised.model_overrides(config))
+    schedule = supervised.optim.create_schedule(config)
+    tx = finetune.freeze_optimizer(supervised.optim.create_optimizer(config, schedule), patterns)
+    state, _ = core.create_train_state(
+        model, tx, rng=jax.random.key(0), input_shape=(1, 32, 32, 1), use_ema=False,
+        mesh=core.create_mesh(),
+    )
+    frozen_params = finetune.frozen_mask(state.params, patterns, 'params')
+    frozen_stats = finetune.frozen_mask(state.batch_stats, patterns, 'batch_stats')
+    assert set(k[0] for k, f in traverse_util.flatten_dict(frozen_params).items() if f) == {'c1', 'n1'}
+    step = jax.jit(core.make_train_step(
+        model, tx, schedule, config, frozen_params=frozen_params, frozen_stats=frozen_stats))
+    rng = np.random.default_rng(0)
+    batch = {'image': jnp.asarray(rng.normal(size=(8, 32, 32, 1)), jnp.float32),
+             'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+
+    def loss(params):  # the same loss, differentiated everywhere
+        out, _ = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'],
+                             train=True, mutable=['batch_stats'],
+                             rngs={'dropout': jax.random.fold_in(jax.random.key(config.seed), 0)})
+        return core.example_losses(out, batch, config.get('label_smoothing', 0.0)).mean()
+
+    grads = _flat(jax.grad(loss)(state.params))
+    trainable = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for k, g in grads.items() if k[0] not in ('c1', 'n1')))
+    everything = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
+    before = (_flat(state.params), _flat(state.batch_stats))
+    state, metrics = step(state, batch)
+    assert abs(everything - trainable) > 1e-3  # the frozen layers do have gradients
+    np.testing.assert_allclose(float(metrics['grad_norm']), trainable, rtol=1e-4)
+    changed = {k[0] for k, v in _flat(state.params).items() if not np.array_equal(v, before[0][k])}
+    assert changed and not changed & {'c1', 'n1'}, changed
+    for k, v in _flat(state.batch_stats).items():
+        assert np.array_equal(v, before[1][k]) == (k[0] == 'n1'), k
+
+
 def test_other_trainers_reject_init_from(data_dir):
     from configs.mpl import mnist5k
 

@@ -144,6 +144,26 @@ def test_train_and_eval_steps_compile_once(data_dir):
     assert eval_step._cache_size() == 1
 
 
+def test_prefetch_keeps_order_reads_ahead_and_raises_source_errors_in_place():
+    mesh = core.create_mesh()
+    read = []
+
+    def source():
+        for i in range(5):
+            read.append(i)
+            yield {'x': np.full((2,), i, np.float32)}
+        raise RuntimeError('broken record')
+
+    batches = core.prefetch_to_device(source(), core.batch_sharding(mesh), size=2)
+    got = []
+    with pytest.raises(RuntimeError, match='broken record'):
+        for batch in batches:
+            assert isinstance(batch['x'], jax.Array)
+            got.append(int(batch['x'][0]))
+            assert len(read) == min(len(got) + 2, 5)  # two batches ahead, no more
+    assert got == [0, 1, 2, 3, 4]  # everything read before the error is delivered first
+
+
 # ------------------------------------------------------------------ many devices / processes
 
 

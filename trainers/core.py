@@ -183,6 +183,7 @@ def make_train_step(
     schedule: optax.Schedule,
     config: ml_collections.ConfigDict,
     *,
+    frozen_params: Any = None,
     frozen_stats: Any = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure supervised step: (state, batch) -> (state, metrics). Not yet jitted.
@@ -195,8 +196,12 @@ def make_train_step(
     Dropout and stochastic-depth randomness comes from fold_in(seed, step), so a resumed
     run draws exactly what the uninterrupted run drew.
 
-    `frozen_stats`, a tree of Python bools shaped like `batch_stats`, marks BatchNorm
-    statistics that keep their value (frozen layers when fine-tuning).
+    Fine-tuning with frozen layers: `frozen_params`, a tree of Python bools shaped like
+    `params`, marks parameters behind `jax.lax.stop_gradient`. Their gradients are zero,
+    so XLA drops the weight-gradient computations, and `grad_norm` counts only trainable
+    parameters; the optimizer must also leave them alone (see
+    `finetune.freeze_optimizer`), or weight decay would still move them. `frozen_stats`,
+    shaped like `batch_stats`, marks BatchNorm statistics that keep their value.
     """
     base_rng = jax.random.key(config.seed)
     label_smoothing = config.get('label_smoothing', 0.0)
@@ -207,6 +212,10 @@ def make_train_step(
         has_bn = bool(state.batch_stats)
 
         def loss_fn(params):
+            if frozen_params is not None:
+                params = jax.tree.map(
+                    lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
+                )
             out, mutated = model.apply(
                 model_variables(params, state.batch_stats),
                 batch['image'],
@@ -319,16 +328,25 @@ def prefetch_to_device(
     without a helper thread. Creating global arrays on a second thread while multi-device
     programs with collectives were in flight deadlocked XLA:CPU with gloo collectives
     (2 processes on one machine, `tests/test_trainer.py`), so everything stays on the
-    thread that dispatches the steps. Closing the generator stops reading the source.
+    thread that dispatches the steps. An error from the source is raised when the consumer
+    reaches its position, after the batches read before it. Closing the generator stops
+    reading the source.
     """
     source = iter(batches)
     ahead: collections.deque = collections.deque()
+    error = None
     while True:
-        while len(ahead) < max(size, 1):
-            batch = next(source, None)
-            if batch is None:
+        while error is None and len(ahead) <= max(size, 0):
+            try:
+                batch = next(source)
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 - re-raised in order, below
+                error = e
                 break
             ahead.append(to_global(batch, sharding))
         if not ahead:
+            if error is not None:
+                raise error
             return
         yield ahead.popleft()

@@ -513,11 +513,12 @@ def initialize_from_pretrained(state: Any, config: ml_collections.ConfigDict, nu
 # ----------------------------------------------------------------------------- freezing
 
 
-def freeze_labels(params: Any, patterns: Sequence[re.Pattern[str]]) -> Any:
-    """'frozen' / 'train' per parameter, matching 'params/<path>' against the regexes."""
-    flat = traverse_util.flatten_dict(params)
-    labels = {k: 'frozen' if matches(patterns, ('params', *k)) else 'train' for k in flat}
-    return traverse_util.unflatten_dict(labels)
+def frozen_mask(tree: Any, patterns: Sequence[re.Pattern[str]], collection: str) -> Any:
+    """True for every leaf of `tree` (the 'params' or 'batch_stats' collection) whose
+    '<collection>/<path>' matches one of the freeze regexes."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: matches(patterns, (collection, *(p.key for p in path))), tree
+    )
 
 
 def freeze_optimizer(
@@ -528,12 +529,7 @@ def freeze_optimizer(
         return tx
     return optax.multi_transform(
         {'train': tx, 'frozen': optax.set_to_zero()},
-        lambda params: freeze_labels(params, patterns),
-    )
-
-
-def frozen_stats_mask(batch_stats: Any, patterns: Sequence[re.Pattern[str]]) -> Any:
-    """True for BatchNorm statistics ('batch_stats/<path>') that must not be updated."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: matches(patterns, ('batch_stats', *(p.key for p in path))), batch_stats
+        lambda params: jax.tree.map(
+            lambda frozen: 'frozen' if frozen else 'train', frozen_mask(params, patterns, 'params')
+        ),
     )

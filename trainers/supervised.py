@@ -233,7 +233,8 @@ def train_and_evaluate(
     train_step = core.jit_train_step(
         core.make_train_step(
             model, setup.tx, setup.schedule, config,
-            frozen_stats=finetune.frozen_stats_mask(state.batch_stats, setup.freeze) if setup.freeze else None,
+            frozen_params=finetune.frozen_mask(state.params, setup.freeze, 'params') if setup.freeze else None,
+            frozen_stats=finetune.frozen_mask(state.batch_stats, setup.freeze, 'batch_stats') if setup.freeze else None,
         ),
         state_sharding, mesh,
     )
