@@ -230,16 +230,10 @@ class DenseNet(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features['pre_logits'] = x
         if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            kernel_init, _ = layers.torch_linear_init(x.shape[-1])
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=kernel_init,
-                bias_init=nn.initializers.zeros,
-                name='classifier',
-            )(x)
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
+                bias_init=nn.initializers.zeros, name='classifier',
+            )
         x = x.astype(jnp.float32)
         return (x, features) if return_features else x
 

@@ -215,29 +215,6 @@ def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
     return jnp.stack(rows, axis=1)
 
 
-def classifier(
-    x: jax.Array,
-    num_classes: int,
-    drop_rate: float,
-    train: bool,
-    dtype: layers.Dtype,
-    name: str,
-    kernel_init: Callable | None = None,
-) -> jax.Array:
-    """Dropout + linear head with ``torch.nn.Linear`` bias init (and its weight init unless
-    ``kernel_init`` is given)."""
-    x = nn.Dropout(drop_rate, deterministic=not train)(x)
-    torch_kernel_init, bias_init = layers.torch_linear_init(x.shape[-1])
-    return nn.Dense(
-        num_classes,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init or torch_kernel_init,
-        bias_init=bias_init,
-        name=name,
-    )(x)
-
-
 def check_norm(norm: str) -> None:
     if norm not in ('batch', 'group'):
         raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
@@ -311,8 +288,11 @@ class InceptionV1Aux(nn.Module):
         x = BasicConv2d(128, 1, conv=self.conv, norm=self.norm, name='conv')(adaptive_avg_pool(x, 4))
         # torch flattens NCHW: transpose so fc1's weight keeps torchvision's column order.
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-        x = nn.relu(classifier(x, 1024, 0.0, train, self.dtype, 'fc1', self.kernel_init))
-        return classifier(x, self.num_classes, self.drop_rate, train, self.dtype, 'fc2', self.kernel_init)
+        head = functools.partial(
+            layers.classifier_head, train=train, dtype=self.dtype, kernel_init=self.kernel_init
+        )
+        x = nn.relu(head(x, 1024, drop_rate=0.0, name='fc1'))
+        return head(x, self.num_classes, drop_rate=self.drop_rate, name='fc2')
 
 
 class GoogLeNet(nn.Module):
@@ -387,7 +367,10 @@ class GoogLeNet(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features['pre_logits'] = x
         if self.num_classes:
-            x = classifier(x, self.num_classes, self.drop_rate, train, self.dtype, 'fc', init)
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
+                kernel_init=init, name='fc',
+            )
         x = x.astype(jnp.float32)
         return (x, features) if return_features else x
 
@@ -500,7 +483,9 @@ class BNInception(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features['pre_logits'] = x
         if self.num_classes:
-            x = classifier(x, self.num_classes, self.drop_rate, train, self.dtype, 'fc')
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype, name='fc'
+            )
         x = x.astype(jnp.float32)
         return (x, features) if return_features else x
 
@@ -667,7 +652,10 @@ class InceptionV3Aux(nn.Module):
             768, 5, conv=self.conv, norm=self.norm, kernel_init=nn.initializers.normal(0.01), name='conv1'
         )(x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return classifier(x, self.num_classes, 0.0, train, self.dtype, 'fc', nn.initializers.normal(0.001))
+        return layers.classifier_head(
+            x, self.num_classes, drop_rate=0.0, train=train, dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.001), name='fc',
+        )
 
 
 class InceptionV3(nn.Module):
@@ -731,7 +719,10 @@ class InceptionV3(nn.Module):
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features['pre_logits'] = x
         if self.num_classes:
-            x = classifier(x, self.num_classes, self.drop_rate, train, self.dtype, 'fc', init)
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
+                kernel_init=init, name='fc',
+            )
         x = x.astype(jnp.float32)
         return (x, features) if return_features else x
 

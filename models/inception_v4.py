@@ -52,7 +52,6 @@ from models.inception import (
     avg_pool,
     block_rules,
     check_norm,
-    classifier,
     conv_bn_rules,
     max_pool,
 )
@@ -281,7 +280,9 @@ def _head(model: nn.Module, x: jax.Array, features: dict, train: bool, name: str
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     features['pre_logits'] = x
     if model.num_classes:
-        x = classifier(x, model.num_classes, model.drop_rate, train, model.dtype, name)
+        x = layers.classifier_head(
+            x, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name=name,
+        )
     x = x.astype(jnp.float32)
     return (x, features) if return_features else x
 

@@ -313,21 +313,25 @@ def classifier_head(
     train: bool,
     dtype: Dtype,
     name: str,
+    kernel_init: Callable | None = None,
+    bias_init: Callable | None = None,
 ) -> jax.Array:
-    """Dropout then a torch-initialised Dense head, float32 logits.
+    """Dropout then a Dense head with ``torch.nn.Linear``'s initialisation (unless
+    ``kernel_init`` / ``bias_init`` replace it, as a reference's own init does); float32
+    output.
 
     Call from inside a module's ``@nn.compact`` method: the layers are created in that
     module's scope, so the head's parameters live under ``name`` there (``fc``,
     ``last_linear``, ... as the reference names them).
     """
     x = nn.Dropout(drop_rate, deterministic=not train)(x)
-    kernel_init, bias_init = torch_linear_init(x.shape[-1])
+    torch_kernel_init, torch_bias_init = torch_linear_init(x.shape[-1])
     x = nn.Dense(
         num_classes,
         dtype=dtype,
         param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
+        kernel_init=kernel_init or torch_kernel_init,
+        bias_init=bias_init or torch_bias_init,
         name=name,
     )(x)
     return x.astype(jnp.float32)

@@ -432,12 +432,10 @@ class MobileNet(nn.Module):
         x = x.reshape(x.shape[0], -1)
         features['pre_logits'] = x
         if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            kernel_init, bias_init = layers.torch_linear_init(x.shape[-1])
-            x = nn.Dense(
-                self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=kernel_init, bias_init=bias_init, name=names.classifier,
-            )(x)
+            x = layers.classifier_head(
+                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
+                name=names.classifier,
+            )
         x = x.astype(jnp.float32)
         return (x, features) if return_features else x
 

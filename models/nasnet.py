@@ -337,16 +337,10 @@ class NASNet(nn.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         features["pre_logits"] = pooled
         if self.num_classes:
-            y = nn.Dropout(self.drop_rate, deterministic=not train)(pooled)
-            kernel_init, bias_init = layers.torch_linear_init(y.shape[-1])
-            pooled = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=kernel_init,
-                bias_init=bias_init,
+            pooled = layers.classifier_head(
+                pooled, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
                 name="last_linear",
-            )(y)
+            )
         out = pooled.astype(jnp.float32)
         return (out, features) if return_features else out
 

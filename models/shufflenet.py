@@ -99,16 +99,9 @@ def _head(model: nn.Module, x: jax.Array, train: bool) -> jax.Array:
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if not model.num_classes:
         return pooled
-    y = nn.Dropout(model.drop_rate, deterministic=not train)(pooled)
-    kernel_init, bias_init = layers.torch_linear_init(y.shape[-1])
-    return nn.Dense(
-        model.num_classes,
-        dtype=model.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        name="fc",
-    )(y).astype(jnp.float32)
+    return layers.classifier_head(
+        pooled, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name="fc"
+    )
 
 
 class InvertedResidual(nn.Module):

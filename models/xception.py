@@ -143,16 +143,9 @@ def _classifier(model: nn.Module, x: jax.Array, train: bool, name: str) -> jax.A
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     if not model.num_classes:
         return x
-    x = nn.Dropout(model.drop_rate, deterministic=not train)(x)
-    kernel_init, bias_init = layers.torch_linear_init(x.shape[-1])
-    return nn.Dense(
-        model.num_classes,
-        dtype=model.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        name=name,
-    )(x).astype(jnp.float32)
+    return layers.classifier_head(
+        x, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name=name
+    )
 
 
 class LegacyXceptionBlock(nn.Module):
