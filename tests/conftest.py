@@ -127,5 +127,5 @@ def run_train_multiprocess(args: list[str], *, num_processes: int = 2, devices: 
         why = f'timed out after {timeout} s' if timed_out else 'failed'
         raise AssertionError(f'{num_processes}-process train.py {why}:\n' + '\n'.join(
             f'--- process {i} (exit {p.returncode}):\n{(o or "")[-3000:]}'
-            for i, (p, o) in enumerate(zip(procs, outs))))
+            for i, (p, o) in enumerate(zip(procs, outs, strict=True))))
     return outs

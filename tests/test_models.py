@@ -14,8 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from modeltest import abstract_variables, compile_fast, normal, num_params, run_fast, train_step  # noqa: E402
 
 import models
 from models import layers
@@ -34,37 +34,11 @@ LENET5_PARAMS = 156 + 12 + 1_516 + 32 + 48_120 + 10_164 + 850  # = 60,850, model
 # Compilation dominates these tests (XLA:CPU takes ~30 s to optimise ResNet-18's ``init``
 # RNG code on a busy 2-core machine). Each compiled function runs once or twice, so trade
 # run time for compile time.
-FAST_COMPILE = {
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-    'xla_cpu_use_fusion_emitters': False,
-}
-
-
-def _compile(fn, *args):
-    """``jax.jit(fn)`` compiled for ``args`` with :data:`FAST_COMPILE`."""
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
-
-
-def _run(fn, *args):
-    return _compile(fn, *args)(*args)
-
-
-def _normal(shape, seed=0, scale=1.0, shift=0.0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale + shift, jnp.float32)
-
-
-def _abstract_variables(model, shape):
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _random_variables(model, shape, seed=0):
     """Concrete variables with the model's structure, without compiling ``init``."""
-    abstract = _abstract_variables(model, shape)
+    abstract = abstract_variables(model, shape)
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
 
@@ -73,9 +47,9 @@ def _random_variables(model, shape, seed=0):
 def tiny():
     """resnet_tiny, its initialised variables, a batch and a jitted eval forward."""
     model = models.create_model('resnet_tiny')
-    x = _normal((2, 32, 32, 3))
+    x = normal((2, 32, 32, 3))
     variables = _init('resnet_tiny', (2, 32, 32, 3))
-    forward = _compile(functools.partial(model.apply, train=False), variables, x)
+    forward = compile_fast(functools.partial(model.apply, train=False), variables, x)
     return model, variables, x, forward
 
 
@@ -84,31 +58,31 @@ def tiny():
 
 @pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
 def test_resnet_param_count_matches_torchvision(name):
-    variables = _abstract_variables(models.create_model(name), (1, 64, 64, 3))
-    assert _num_params(variables['params']) == TORCHVISION_PARAMS[name]
+    variables = abstract_variables(models.create_model(name), (1, 64, 64, 3))
+    assert num_params(variables['params']) == TORCHVISION_PARAMS[name]
 
 
 def test_lenet5_param_count():
-    variables = _abstract_variables(models.create_model('lenet5'), (1, 32, 32, 1))
-    assert _num_params(variables) == LENET5_PARAMS == 60_850
+    variables = abstract_variables(models.create_model('lenet5'), (1, 32, 32, 1))
+    assert num_params(variables) == LENET5_PARAMS == 60_850
     params = variables['params']
     # Table I: 60 C3 kernels of 5x5.
     c3 = params['c3']
     assert sum(c3[f'map{j}']['kernel'].shape[2] for j in range(16)) == 60
-    assert _num_params(c3) == 1_516
+    assert num_params(c3) == 1_516
 
 
 def test_lenet5_c3_follows_table_i():
     from models.lenet import C3_TABLE, PartialConv
 
     c3 = PartialConv(C3_TABLE, 5)
-    x = _normal((1, 14, 14, 6))
+    x = normal((1, 14, 14, 6))
     rng = np.random.default_rng(0)
     variables = jax.tree.map(
         lambda s: rng.standard_normal(s.shape).astype(s.dtype),
         jax.eval_shape(c3.init, jax.random.key(0), x),
     )
-    forward = _compile(c3.apply, variables, x)
+    forward = compile_fast(c3.apply, variables, x)
     base = forward(variables, x)
     assert base.shape == (1, 10, 10, 16)
     for s2_map in range(6):
@@ -119,16 +93,16 @@ def test_lenet5_c3_follows_table_i():
 
 
 def test_batch_stats_only_with_batch_norm():
-    bn = _abstract_variables(models.create_model('resnet18'), (1, 32, 32, 3))
-    gn = _abstract_variables(
+    bn = abstract_variables(models.create_model('resnet18'), (1, 32, 32, 3))
+    gn = abstract_variables(
         models.create_model('resnet18', norm='group', weight_std=True), (1, 32, 32, 3)
     )
     assert set(bn) == {'params', 'batch_stats'}
     assert set(gn) == {'params'}
     # Same parameter count: GN scale/bias replace BN scale/bias one for one.
-    assert _num_params(gn['params']) == TORCHVISION_PARAMS['resnet18']
-    assert set(_abstract_variables(models.create_model('lenet5'), (1, 32, 32, 1))) == {'params'}
-    lenet_bn = _abstract_variables(models.create_model('lenet5', norm='batch'), (1, 32, 32, 1))
+    assert num_params(gn['params']) == TORCHVISION_PARAMS['resnet18']
+    assert set(abstract_variables(models.create_model('lenet5'), (1, 32, 32, 1))) == {'params'}
+    lenet_bn = abstract_variables(models.create_model('lenet5', norm='batch'), (1, 32, 32, 1))
     assert set(lenet_bn['batch_stats']) == {'n1', 'n3', 'n5'}
 
 
@@ -143,31 +117,8 @@ def _init(name: str, shape: tuple[int, ...]):
     if (name, shape) not in _INIT_CACHE:
         model = models.create_model(name)
         x = jnp.zeros(shape)
-        _INIT_CACHE[name, shape] = _run(lambda x: model.init(jax.random.key(0), x, train=False), x)
+        _INIT_CACHE[name, shape] = run_fast(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return _INIT_CACHE[name, shape]
-
-
-def _train_step(model, variables, x, labels):
-    """One loss/grad evaluation in train mode."""
-
-    def run(variables, x):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, 'params': params},
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': jax.random.key(2)},
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-            return loss, (logits, updates)
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables['params']
-        )
-        return loss, logits, updates, grads
-
-    return _run(run, variables, x)
 
 
 # The GN + WS ResNet-18 and the 28 px LeNet reuse the parameters of the default variant
@@ -188,8 +139,8 @@ def test_forward_backward(name, size, channels, overrides):
     variables = _init(name, (2, 32, 32, channels))
     if model.norm != 'batch':
         variables = {'params': variables['params']}
-    x = _normal((2, size, size, channels))
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    x = normal((2, size, size, channels))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, model.num_classes))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))
@@ -207,15 +158,15 @@ def test_forward_backward(name, size, channels, overrides):
 def test_bfloat16_compute_keeps_float32_params_and_logits(tiny):
     _, variables, x, _ = tiny
     model = models.create_model('resnet_tiny', dtype=jnp.bfloat16)
-    abstract = _abstract_variables(model, x.shape)
+    abstract = abstract_variables(model, x.shape)
     assert {p.dtype for p in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
     chex.assert_trees_all_equal_shapes_and_dtypes(abstract, variables)
-    logits, features = _run(functools.partial(model.apply, return_features=True), variables, x)
+    logits, features = run_fast(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.dtype == jnp.float32
     assert features['stage4'].dtype == jnp.bfloat16
     chex.assert_tree_all_finite(logits)
     lenet = models.create_model('lenet5', dtype=jnp.bfloat16, norm='group')
-    lenet_vars = _abstract_variables(lenet, (1, 32, 32, 1))
+    lenet_vars = abstract_variables(lenet, (1, 32, 32, 1))
     assert {p.dtype for p in jax.tree.leaves(lenet_vars)} == {jnp.dtype(jnp.float32)}
     assert jax.eval_shape(lenet.apply, lenet_vars, jnp.zeros((1, 32, 32, 1))).dtype == jnp.float32
 
@@ -224,7 +175,7 @@ def test_lenet5_feature_shapes_at_32_and_28():
     model = models.create_model('lenet5')
     for size, s4 in ((32, 5), (28, 4)):
         x = jnp.zeros((2, size, size, 1))
-        variables = _abstract_variables(model, x.shape)
+        variables = abstract_variables(model, x.shape)
         logits, feats = jax.eval_shape(
             functools.partial(model.apply, return_features=True), variables, x
         )
@@ -239,13 +190,13 @@ def test_lenet5_feature_shapes_at_32_and_28():
 
 
 def test_std_conv_standardizes_kernel_per_output_channel():
-    raw = _normal((3, 3, 8, 4), scale=3.0, shift=1.5)
+    raw = normal((3, 3, 8, 4), scale=3.0, shift=1.5)
     w = np.asarray(layers.standardize_kernel(raw, eps=1e-8))
     np.testing.assert_allclose(w.mean(axis=(0, 1, 2)), 0.0, atol=1e-6)
     np.testing.assert_allclose(w.var(axis=(0, 1, 2)), 1.0, rtol=1e-5)
 
     # The module stores the raw kernel and convolves with the standardised one.
-    x = _normal((1, 5, 5, 8), seed=1)
+    x = normal((1, 5, 5, 8), seed=1)
     conv = layers.StdConv(4, (3, 3), padding='VALID', use_bias=False)
     assert jax.eval_shape(conv.init, jax.random.key(0), x)['params']['kernel'].shape == raw.shape
     got = conv.apply({'params': {'kernel': raw}}, x)
@@ -261,7 +212,7 @@ def test_group_norm_falls_back_to_a_divisor_for_narrow_layers():
     assert layers._largest_divisor_at_most(64, 32) == 32
     assert layers._largest_divisor_at_most(6, 32) == 6
     assert layers._largest_divisor_at_most(84, 32) == 28
-    x = _normal((2, 4, 4, 6), scale=5.0, shift=3.0)
+    x = normal((2, 4, 4, 6), scale=5.0, shift=3.0)
     y = layers.GroupNorm().apply({'params': {'scale': jnp.ones(6), 'bias': jnp.zeros(6)}}, x)
     # 6 groups of 1 channel: each (example, channel) is normalised over space.
     np.testing.assert_allclose(y.mean(axis=(1, 2)), 0.0, atol=1e-5)
@@ -281,7 +232,7 @@ def test_drop_path():
     x = jnp.ones((64, 2, 2, 3))
     dp = layers.DropPath(rate=0.5)
     np.testing.assert_array_equal(dp.apply({}, x, train=False), x)
-    y = _run(lambda x: dp.apply({}, x, train=True, rngs={'dropout': jax.random.key(0)}), x)
+    y = run_fast(lambda x: dp.apply({}, x, train=True, rngs={'dropout': jax.random.key(0)}), x)
     per_example = np.unique(np.asarray(y).reshape(64, -1), axis=1)
     assert per_example.shape == (64, 1)  # whole example kept or dropped
     assert set(np.unique(per_example)) == {0.0, 2.0}
@@ -291,7 +242,7 @@ def test_drop_path_and_dropout_are_identity_at_eval(tiny):
     model, variables, x, forward = tiny
     noisy = model.clone(drop_path_rate=0.5, drop_rate=0.5)
     np.testing.assert_array_equal(
-        _run(functools.partial(noisy.apply, train=False), variables, x), forward(variables, x)
+        run_fast(functools.partial(noisy.apply, train=False), variables, x), forward(variables, x)
     )
 
 
@@ -301,7 +252,7 @@ def test_drop_path_and_dropout_are_identity_at_eval(tiny):
 def test_num_classes_zero_and_return_features_shapes():
     model = models.create_model('resnet50')
     x = jnp.zeros((2, 224, 224, 3))
-    variables = _abstract_variables(model, (1, 64, 64, 3))
+    variables = abstract_variables(model, (1, 64, 64, 3))
     logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     assert {k: v.shape for k, v in feats.items()} == {
@@ -313,12 +264,12 @@ def test_num_classes_zero_and_return_features_shapes():
         'pre_logits': (2, 2048),
     }
     headless = models.create_model('resnet50', num_classes=0)
-    head_vars = _abstract_variables(headless, (1, 64, 64, 3))
+    head_vars = abstract_variables(headless, (1, 64, 64, 3))
     assert 'fc' not in head_vars['params']
     pooled = jax.eval_shape(functools.partial(headless.apply, train=False), head_vars, x)
     assert pooled.shape == (2, 2048) and pooled.dtype == jnp.float32
     lenet = models.create_model('lenet5', num_classes=0)
-    out = jax.eval_shape(lenet.apply, _abstract_variables(lenet, (1, 32, 32, 1)), jnp.zeros((3, 32, 32, 1)))
+    out = jax.eval_shape(lenet.apply, abstract_variables(lenet, (1, 32, 32, 1)), jnp.zeros((3, 32, 32, 1)))
     assert out.shape == (3, 84)
 
 
@@ -348,10 +299,10 @@ def test_padding_switch_reaches_every_family(name):
     assert (symmetric.padding, tf_same.padding) == ('symmetric', 'tf_same')
     # Padding adds no parameters: the same tree, so converted weights load in either mode.
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        _abstract_variables(symmetric, shape), _abstract_variables(tf_same, shape)
+        abstract_variables(symmetric, shape), abstract_variables(tf_same, shape)
     )
     with pytest.raises(ValueError, match='symmetric') as info:
-        _abstract_variables(models.create_model(name, padding='reflect'), shape)
+        abstract_variables(models.create_model(name, padding='reflect'), shape)
     assert 'tf_same' in str(info.value) and 'reflect' in str(info.value)
 
 
@@ -370,7 +321,7 @@ def _unit_scale_variables(model, shape, seed=0):
             value = 0.1 * rng.standard_normal(leaf.shape) + (key == 'scale')
         return value.astype(leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(draw, _abstract_variables(model, shape))
+    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, shape))
 
 
 # Even inputs, where TF SAME pads a strided layer bottom/right only. squeezenet1_1: its
@@ -388,10 +339,10 @@ def _unit_scale_variables(model, shape, seed=0):
 def test_tf_same_padding_changes_outputs(name, size, differs):
     symmetric = models.create_model(name, num_classes=10)
     tf_same = models.create_model(name, num_classes=10, padding='tf_same')
-    x = _normal((1, size, size, models.get_model_cfg(name).input_size[2]), seed=1)
+    x = normal((1, size, size, models.get_model_cfg(name).input_size[2]), seed=1)
     variables = _unit_scale_variables(symmetric, x.shape)
-    expected = _run(functools.partial(symmetric.apply, train=False), variables, x)
-    got = _run(functools.partial(tf_same.apply, train=False), variables, x)
+    expected = run_fast(functools.partial(symmetric.apply, train=False), variables, x)
+    got = run_fast(functools.partial(tf_same.apply, train=False), variables, x)
     chex.assert_tree_all_finite((expected, got))
     if differs:
         assert float(jnp.abs(got - expected).max()) > 1e-3 * float(jnp.abs(expected).max())

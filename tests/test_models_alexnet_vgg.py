@@ -13,7 +13,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import models
@@ -21,6 +20,7 @@ from models import alexnet as alexnet_lib
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
+from modeltest import num_params, train_step  # noqa: E402
 from parity import assert_logits_match  # noqa: E402  (needs torch)
 
 # sum(p.numel() for p in torchvision.models.<name>().parameters()), torchvision 0.29.1
@@ -44,24 +44,10 @@ PAPER_PARAMS = {
     'overfeat_accurate': (144_656_488, 144e6, 0.01),  # OverFeat Table 4
 }
 
-FAST_COMPILE = {
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-    'xla_cpu_use_fusion_emitters': False,
-}
-
-
-def _run(fn, *args):
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
 
 def _abstract(model, size, batch=1):
     x = jnp.zeros((batch, size, size, 3))
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _random_variables(model, size, seed=0):
@@ -85,14 +71,14 @@ def _random_variables(model, size, seed=0):
 
 @pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
 def test_param_count_matches_torchvision(name):
-    assert _num_params(_abstract(models.create_model(name), 64)['params']) == TORCHVISION_PARAMS[name]
+    assert num_params(_abstract(models.create_model(name), 64)['params']) == TORCHVISION_PARAMS[name]
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
 def test_param_count_matches_paper(name):
     exact, paper, tolerance = PAPER_PARAMS[name]
     size = models.get_model_cfg(name).input_size[0]
-    count = _num_params(_abstract(models.create_model(name), size)['params'])
+    count = num_params(_abstract(models.create_model(name), size)['params'])
     assert count == exact
     assert abs(count - paper) / paper < tolerance
 
@@ -101,12 +87,12 @@ def test_norm_twins_keep_counts_up_to_norm_params():
     # _bn == plain + BN scale/bias (torchvision keeps the conv biases); GN swaps BN 1:1.
     bn = _abstract(models.create_model('vgg11', norm='batch'), 32)
     gn = _abstract(models.create_model('vgg11', norm='group', weight_std=True), 32)
-    assert _num_params(bn['params']) == _num_params(gn['params']) == TORCHVISION_PARAMS['vgg11_bn']
+    assert num_params(bn['params']) == num_params(gn['params']) == TORCHVISION_PARAMS['vgg11_bn']
     assert set(gn) == {'params'} and set(bn) == {'params', 'batch_stats'}
     # AlexNet family: a norm replaces each conv bias with a scale and an offset.
     plain = _abstract(models.create_model('alexnet_original'), 67)
     normed = _abstract(models.create_model('alexnet_original', norm='group'), 67)
-    assert _num_params(normed['params']) == PAPER_PARAMS['alexnet_original'][0] + 96 + 256 + 384 + 384 + 256
+    assert num_params(normed['params']) == PAPER_PARAMS['alexnet_original'][0] + 96 + 256 + 384 + 384 + 256
     assert set(plain) == {'params'} and 'norm1' in normed['params']
 
 
@@ -215,29 +201,6 @@ def test_vgg_name_maps_cover_torchvision_state_dicts(name):
 # ---------------------------------------------------------------- forward and backward
 
 
-def _train_step(model, variables, x, labels):
-    def run(variables, x):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, 'params': params},
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': jax.random.key(1)},
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (
-                logits,
-                updates,
-            )
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables['params']
-        )
-        return loss, logits, updates, grads
-
-    return _run(run, variables, x)
-
-
 @pytest.mark.parametrize(
     'name, size, overrides',
     [
@@ -251,7 +214,7 @@ def test_forward_backward(name, size, overrides):
     model = models.create_model(name, num_classes=10, **overrides)
     variables = _random_variables(model, size)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, 10))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))

@@ -14,13 +14,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 timm = pytest.importorskip('timm')
 
+from modeltest import abstract_variables, normal, num_params, train_step  # noqa: E402
 from parity import assert_logits_match  # noqa: E402
 
 import models  # noqa: E402
@@ -46,11 +46,6 @@ REFERENCE_PARAMS = {
 DENSENET264_PARAMS = 33_337_704  # Huang et al. 2017, Table 1 config (no parameter figure there)
 DENSENET_BC_100_12_PARAMS = 769_162  # Table 2 quotes "0.8M"
 
-FAST_COMPILE = {
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-    'xla_cpu_use_fusion_emitters': False,
-}
 
 # Small members built through create_model overrides (same modules, fewer/narrower layers).
 TINY_DENSENET = dict(growth_rate=8, block_config=(2, 2, 2, 2), stem_width=16)
@@ -59,36 +54,20 @@ TINY_NFNET = dict(
 )
 
 
-def _abstract_variables(model, shape):
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _run(fn, *args):
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
-def _normal(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
 # --------------------------------------------------------------------------- param counts
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_PARAMS))
 def test_param_count_matches_reference(name):
-    variables = _abstract_variables(models.create_model(name), (1, 64, 64, 3))
-    assert _num_params(variables['params']) == REFERENCE_PARAMS[name]
+    variables = abstract_variables(models.create_model(name), (1, 64, 64, 3))
+    assert num_params(variables['params']) == REFERENCE_PARAMS[name]
 
 
 def test_paper_only_densenets():
-    d264 = _abstract_variables(models.create_model('densenet264'), (1, 64, 64, 3))
-    assert _num_params(d264['params']) == DENSENET264_PARAMS
-    bc = _abstract_variables(models.create_model('densenet_bc_100_12'), (1, 32, 32, 3))
-    n = _num_params(bc['params'])
+    d264 = abstract_variables(models.create_model('densenet264'), (1, 64, 64, 3))
+    assert num_params(d264['params']) == DENSENET264_PARAMS
+    bc = abstract_variables(models.create_model('densenet_bc_100_12'), (1, 32, 32, 3))
+    n = num_params(bc['params'])
     assert n == DENSENET_BC_100_12_PARAMS
     assert round(n / 1e6, 1) == 0.8  # Table 2, one decimal
     blocks = [k for k in bc['params'] if k.startswith('denseblock')]
@@ -99,15 +78,15 @@ def test_paper_only_densenets():
 
 
 def test_norm_free_by_default_and_norm_switch():
-    nf = _abstract_variables(models.create_model('dm_nfnet_f0'), (1, 64, 64, 3))
+    nf = abstract_variables(models.create_model('dm_nfnet_f0'), (1, 64, 64, 3))
     assert set(nf) == {'params'}
     block = nf['params']['stages_0_0']
     assert block['conv2']['kernel'].shape == (3, 3, 128, 128)  # 128 mid, group width 128
     assert block['conv2']['gain'].shape == (128,) and block['skipinit_gain'].shape == ()
     assert block['attn_last']['fc1']['kernel'].shape == (1, 1, 256, 128)  # SE ratio 0.5
-    bn = _abstract_variables(models.create_model('dm_nfnet_f0', norm='batch'), (1, 64, 64, 3))
+    bn = abstract_variables(models.create_model('dm_nfnet_f0', norm='batch'), (1, 64, 64, 3))
     assert set(bn['batch_stats']['stages_2_5']) == {'norm1', 'norm2', 'norm2b', 'norm3'}
-    plain = _abstract_variables(models.create_model('dm_nfnet_f0', weight_std=False), (1, 64, 64, 3))
+    plain = abstract_variables(models.create_model('dm_nfnet_f0', weight_std=False), (1, 64, 64, 3))
     assert 'gain' not in plain['params']['final_conv']
 
 
@@ -151,29 +130,6 @@ def test_dm_nfnet_f1_matches_timm():
 # ----------------------------------------------------------------- forward and backward
 
 
-def _train_step(model, variables, x, labels):
-    def run(variables, x):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, 'params': params},
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': jax.random.key(2)},
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (
-                logits,
-                updates,
-            )
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables['params']
-        )
-        return loss, logits, updates, grads
-
-    return _run(run, variables, x)
-
-
 @pytest.mark.parametrize(
     'name, tiny, overrides',
     [
@@ -187,11 +143,11 @@ def test_forward_backward(name, tiny, overrides):
     model = models.create_model(name, num_classes=5, **tiny, **overrides)
     # DenseNet's 32x downsampling needs 64 px for GroupNorm to see more than one pixel per
     # channel in the last block.
-    x = _normal((2, 64, 64, 3))
+    x = normal((2, 64, 64, 3))
     # Random variables instead of a compiled init (one compilation less). For NFNets this
     # also opens the skipinit gains (0 at init), so every branch receives gradient.
     rng = np.random.default_rng(0)
-    abstract = _abstract_variables(model, x.shape)
+    abstract = abstract_variables(model, x.shape)
     variables = {
         'params': jax.tree.map(
             lambda s: (rng.standard_normal(s.shape) * 0.2).astype(s.dtype), abstract['params']
@@ -202,7 +158,7 @@ def test_forward_backward(name, tiny, overrides):
             lambda s: (np.abs(rng.standard_normal(s.shape)) + 0.5).astype(s.dtype),
             abstract['batch_stats'],
         )
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, 5))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))
@@ -262,12 +218,12 @@ def test_forward_backward(name, tiny, overrides):
 def test_return_features_and_headless_shapes(name, size, expected):
     model = models.create_model(name)
     x = jnp.zeros((2, size, size, 3))
-    variables = _abstract_variables(model, (1, size, size, 3))
+    variables = abstract_variables(model, (1, size, size, 3))
     logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.shape == (2, model.num_classes) and logits.dtype == jnp.float32
     assert {k: v.shape for k, v in feats.items()} == expected
     headless = models.create_model(name, num_classes=0)
-    head_vars = _abstract_variables(headless, (1, size, size, 3))
+    head_vars = abstract_variables(headless, (1, size, size, 3))
     assert not {'fc', 'classifier'} & set(head_vars['params'])
     pooled = jax.eval_shape(headless.apply, head_vars, x)
     assert pooled.shape == expected['pre_logits'] and pooled.dtype == jnp.float32
@@ -276,7 +232,7 @@ def test_return_features_and_headless_shapes(name, size, expected):
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     for name, tiny in (('densenet121', TINY_DENSENET), ('dm_nfnet_f0', TINY_NFNET)):
         model = models.create_model(name, dtype=jnp.bfloat16, **tiny)
-        variables = _abstract_variables(model, (1, 32, 32, 3))
+        variables = abstract_variables(model, (1, 32, 32, 3))
         assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
         _, feats = jax.eval_shape(
             functools.partial(model.apply, return_features=True), variables, jnp.zeros((1, 32, 32, 3))
@@ -311,7 +267,7 @@ def test_export_names_match_reference_state_dicts():
                 if not k.endswith('num_batches_tracked')
             }
         model = models.create_model(name)
-        abstract = _abstract_variables(model, (1, 64, 64, 3))
+        abstract = abstract_variables(model, (1, 64, 64, 3))
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract)
         exported = models.export_state_dict(name, zeros)
         assert {k: v.shape for k, v in exported.items()} == ref_shapes
@@ -351,8 +307,8 @@ def test_agc_matches_hand_computed_example():
 
 
 def test_agc_conv_units_are_output_channels():
-    kernel = _normal((3, 3, 4, 2), seed=1)
-    grad = 10.0 * _normal((3, 3, 4, 2), seed=2)
+    kernel = normal((3, 3, 4, 2), seed=1)
+    grad = 10.0 * normal((3, 3, 4, 2), seed=2)
     tx = agc.adaptive_grad_clip(0.01)
     out, _ = tx.update({'k': grad}, tx.init({'k': kernel}), {'k': kernel})
     ratio = np.linalg.norm(np.asarray(out['k']).reshape(-1, 2), axis=0) / np.linalg.norm(

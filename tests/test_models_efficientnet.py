@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import traverse_util
 
@@ -26,6 +25,7 @@ torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
 
 import tensorflow_datasets as tfds  # noqa: E402
+from modeltest import num_params, train_step  # noqa: E402
 from parity import assert_logits_match  # noqa: E402
 
 import models  # noqa: E402
@@ -81,10 +81,6 @@ def _random_variables(model, size=32):
     return traverse_util.unflatten_dict(out)
 
 
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 # ------------------------------------------------------------------- architecture data
 
 
@@ -123,7 +119,7 @@ def test_decode_block_and_scaling_rules():
 @pytest.mark.parametrize('name', sorted(TIMM_PARAMS))
 def test_param_count_matches_timm(name):
     variables = _abstract_variables(models.create_model(name))
-    assert _num_params(variables['params']) == TIMM_PARAMS[name]
+    assert num_params(variables['params']) == TIMM_PARAMS[name]
 
 
 def test_group_norm_twin_has_same_params_and_no_batch_stats():
@@ -187,29 +183,6 @@ def test_state_dict_names_match_timm():
 # ----------------------------------------------------------------- forward and backward
 
 
-def _train_step(model, variables, x, labels):
-    def run(variables, x):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, 'params': params},
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': jax.random.key(1)},
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (
-                logits,
-                updates,
-            )
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables['params']
-        )
-        return loss, logits, updates, grads
-
-    return jax.jit(run)(variables, x)
-
-
 # A narrow, shallow B0 (one block per stage, 1/4 width) keeps XLA:CPU compile time down;
 # the full B0 trains a BatchNorm step in the config test below.
 @pytest.mark.parametrize('overrides', [{'norm': 'group', 'weight_std': True}, {}])
@@ -219,7 +192,7 @@ def test_forward_backward(overrides):
     )
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
     variables = _random_variables(model)
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, 10))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, grads))

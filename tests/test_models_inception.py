@@ -16,7 +16,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import models
@@ -26,6 +25,7 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 timm = pytest.importorskip('timm')
 
+from modeltest import num_params, train_step  # noqa: E402
 from parity import assert_logits_match, numpy_state_dict, randomize_norms  # noqa: E402
 
 # sum(p.numel() for p in m.parameters()) of the references, torch 2.14 / torchvision 0.29.1 /
@@ -42,19 +42,10 @@ REFERENCE_PARAMS = {
     ('inception_resnet_v2', False): 55_843_464,
 }
 SMALL = {'googlenet': 64, 'bn_inception': 64, 'inception_v3': 75, 'inception_v4': 75, 'inception_resnet_v2': 75}
-FAST_COMPILE = {
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-    'xla_cpu_use_fusion_emitters': False,
-}
 
 
 def _abstract_variables(model, size, batch=1):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3)), train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _random_variables(model, size, seed=0):
@@ -92,13 +83,13 @@ def test_param_count_matches_reference(name, aux):
     kwargs = {'aux_logits': True} if aux else {}
     model = models.create_model(name, **kwargs)
     variables = _abstract_variables(model, SMALL[name])
-    assert _num_params(variables['params']) == REFERENCE_PARAMS[name, aux]
+    assert num_params(variables['params']) == REFERENCE_PARAMS[name, aux]
     if not aux:
         twin = models.create_model(name, norm='group', weight_std=True)
         twin_vars = _abstract_variables(twin, SMALL[name])
         # GN scale/bias replace BN scale/bias one for one; no batch_stats.
         assert set(twin_vars) == {'params'}
-        assert _num_params(twin_vars['params']) == REFERENCE_PARAMS[name, aux]
+        assert num_params(twin_vars['params']) == REFERENCE_PARAMS[name, aux]
 
 
 def _figure5_param_count(num_classes: int) -> int:
@@ -130,7 +121,7 @@ def test_bn_inception_follows_figure5():
     for num_classes in (1000, 0):
         model = models.create_model('bn_inception', num_classes=num_classes)
         variables = _abstract_variables(model, 224)
-        ours = _num_params(variables['params'])
+        ours = num_params(variables['params'])
         assert ours == _figure5_param_count(num_classes)
     assert _figure5_param_count(1000) == 11_285_224  # the figure in the docstring
     # Output shapes at 224 px (Figure 5 "output size" column; 4c/4d/4e see the docstring).
@@ -219,24 +210,6 @@ _IRV2_SHORT = tuple(
 )
 
 
-def _train_step(model, variables, x, labels):
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {**variables, 'params': params},
-            x,
-            train=True,
-            mutable=['batch_stats'],
-            rngs={'dropout': jax.random.key(2)},
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-    def run(variables, x):
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
-        return loss, logits, updates, grads
-
-    return jax.jit(run).lower(variables, x).compile(FAST_COMPILE)(variables, x)
-
-
 @pytest.mark.parametrize(
     'name, overrides',
     [
@@ -255,7 +228,7 @@ def test_forward_backward(name, overrides):
     size = SMALL[name]
     variables = _random_variables(model, size)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, 10))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))
@@ -297,7 +270,7 @@ def test_return_features_and_headless(name):
     head_vars = _abstract_variables(headless, SMALL[name])
     pooled = jax.eval_shape(headless.apply, head_vars, x)
     assert pooled.shape == (2, shapes['pre_logits'][0]) and pooled.dtype == jnp.float32
-    assert _num_params(head_vars['params']) == _num_params(variables['params']) - 1000 * (shapes['pre_logits'][0] + 1)
+    assert num_params(head_vars['params']) == num_params(variables['params']) - 1000 * (shapes['pre_logits'][0] + 1)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

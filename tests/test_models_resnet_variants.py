@@ -16,13 +16,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 timm = pytest.importorskip('timm')
 
+from modeltest import abstract_variables, num_params, train_step  # noqa: E402
 from parity import assert_logits_match, randomize_norms  # noqa: E402
 
 import models  # noqa: E402
@@ -50,14 +50,6 @@ REFERENCE_PARAMS = {
 SHALLOW = {'stage_sizes': (1, 1, 1, 1)}
 
 
-def _abstract_variables(model, shape):
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 def _scaled_variables(model, shape, seed=0):
     """Variables with ``model``'s structure without compiling ``init``.
 
@@ -74,7 +66,7 @@ def _scaled_variables(model, shape, seed=0):
             return np.ones(s.shape, s.dtype)
         return np.zeros(s.shape, s.dtype)
 
-    return jax.tree_util.tree_map_with_path(make, _abstract_variables(model, shape))
+    return jax.tree_util.tree_map_with_path(make, abstract_variables(model, shape))
 
 
 # ------------------------------------------------------------------------ param counts
@@ -82,17 +74,17 @@ def _scaled_variables(model, shape, seed=0):
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_PARAMS))
 def test_param_count_matches_reference(name):
-    variables = _abstract_variables(models.create_model(name), (1, 64, 64, 3))
-    assert _num_params(variables['params']) == REFERENCE_PARAMS[name]
+    variables = abstract_variables(models.create_model(name), (1, 64, 64, 3))
+    assert num_params(variables['params']) == REFERENCE_PARAMS[name]
 
 
 def test_gn_twin_has_same_params_and_no_batch_stats():
     for name in ('seresnext50_32x4d', 'legacy_senet154'):
-        gn = _abstract_variables(
+        gn = abstract_variables(
             models.create_model(name, norm='group', weight_std=True), (1, 64, 64, 3)
         )
         assert set(gn) == {'params'}
-        assert _num_params(gn['params']) == REFERENCE_PARAMS[name]
+        assert num_params(gn['params']) == REFERENCE_PARAMS[name]
 
 
 def test_registry_names_and_cfgs():
@@ -187,29 +179,6 @@ def test_logits_match_reference(name, make_reference, resolution):
 # ------------------------------------------------------------------ forward / backward
 
 
-def _train_step(model, variables, x, labels):
-    def run(variables, x):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, 'params': params},
-                x,
-                train=True,
-                mutable=['batch_stats'],
-                rngs={'dropout': jax.random.key(2)},
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (
-                logits,
-                updates,
-            )
-
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            variables['params']
-        )
-        return loss, logits, updates, grads
-
-    return jax.jit(run)(variables, x)
-
-
 @pytest.mark.parametrize(
     'name, size, overrides',
     [
@@ -225,7 +194,7 @@ def test_forward_backward(name, size, overrides):
     model = models.create_model(name, num_classes=10, **SHALLOW, **overrides)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
     variables = _scaled_variables(model, x.shape)
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, 10))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))
@@ -250,7 +219,7 @@ def test_num_classes_zero_and_return_features_shapes(name, stem_width):
     # Shapes do not depend on depth; one block per stage keeps tracing cheap.
     x = jnp.zeros((2, 224, 224, 3))
     model = models.create_model(name, **SHALLOW)
-    variables = _abstract_variables(model, (1, 64, 64, 3))
+    variables = abstract_variables(model, (1, 64, 64, 3))
     logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     assert {k: v.shape for k, v in feats.items()} == {
@@ -262,7 +231,7 @@ def test_num_classes_zero_and_return_features_shapes(name, stem_width):
         'pre_logits': (2, 2048),
     }
     headless = models.create_model(name, num_classes=0, **SHALLOW)
-    head_vars = _abstract_variables(headless, (1, 64, 64, 3))
-    assert _num_params(head_vars['params']) == _num_params(variables['params']) - 2048 * 1000 - 1000
+    head_vars = abstract_variables(headless, (1, 64, 64, 3))
+    assert num_params(head_vars['params']) == num_params(variables['params']) - 2048 * 1000 - 1000
     pooled = jax.eval_shape(functools.partial(headless.apply, train=False), head_vars, x)
     assert pooled.shape == (2, 2048) and pooled.dtype == jnp.float32

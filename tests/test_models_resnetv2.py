@@ -14,8 +14,8 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from modeltest import abstract_variables, normal, num_params, train_step  # noqa: E402
 
 import models
 
@@ -40,18 +40,6 @@ WRN_PARAMS = {'wrn28_2': (1_467_610, 1.47e6), 'wrn28_10': (36_479_194, 36.5e6)}
 TINY_STAGES = {'stage_sizes': (1, 1, 1, 1)}
 
 
-def _abstract_variables(model, shape):
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
-
-
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def _normal(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
 def _random_variables(model, shape, seed=0):
     """Concrete variables without compiling ``init`` (compilation dominates on CPU).
 
@@ -65,7 +53,7 @@ def _random_variables(model, shape, seed=0):
             return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(s.dtype)
         return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(s.dtype)
 
-    return jax.tree.map(sample, _abstract_variables(model, shape))
+    return jax.tree.map(sample, abstract_variables(model, shape))
 
 
 # ------------------------------------------------------------------------- param counts
@@ -73,34 +61,34 @@ def _random_variables(model, shape, seed=0):
 
 @pytest.mark.parametrize('name', sorted(TIMM_PARAMS))
 def test_param_count_matches_timm(name):
-    variables = _abstract_variables(models.create_model(name), (1, 64, 64, 3))
-    assert _num_params(variables['params']) == TIMM_PARAMS[name]
+    variables = abstract_variables(models.create_model(name), (1, 64, 64, 3))
+    assert num_params(variables['params']) == TIMM_PARAMS[name]
 
 
 @pytest.mark.parametrize('name', sorted(WRN_PARAMS))
 def test_wrn_param_count_matches_paper(name):
     exact, published = WRN_PARAMS[name]
-    variables = _abstract_variables(models.create_model(name), (1, 32, 32, 3))
-    n = _num_params(variables['params'])
+    variables = abstract_variables(models.create_model(name), (1, 32, 32, 3))
+    n = num_params(variables['params'])
     assert n == exact
     assert abs(n - published) / published < 0.01
 
 
 def test_norm_twins_have_same_params_and_batch_stats_only_with_bn():
-    bit_bn = _abstract_variables(
+    bit_bn = abstract_variables(
         models.create_model('resnetv2_50x1_bit', norm='batch', weight_std=False), (1, 64, 64, 3)
     )
-    v2_gn = _abstract_variables(
+    v2_gn = abstract_variables(
         models.create_model('resnetv2_50', norm='group', weight_std=True), (1, 64, 64, 3)
     )
-    bit = _abstract_variables(models.create_model('resnetv2_50x1_bit'), (1, 64, 64, 3))
+    bit = abstract_variables(models.create_model('resnetv2_50x1_bit'), (1, 64, 64, 3))
     assert set(bit) == set(v2_gn) == {'params'}
     assert set(bit_bn) == {'params', 'batch_stats'}
     for v in (bit_bn, v2_gn):
-        assert _num_params(v['params']) == TIMM_PARAMS['resnetv2_50x1_bit']
-    wrn_gn = _abstract_variables(models.create_model('wrn28_2', norm='group', weight_std=True), (1, 32, 32, 3))
+        assert num_params(v['params']) == TIMM_PARAMS['resnetv2_50x1_bit']
+    wrn_gn = abstract_variables(models.create_model('wrn28_2', norm='group', weight_std=True), (1, 32, 32, 3))
     assert set(wrn_gn) == {'params'}
-    assert _num_params(wrn_gn['params']) == WRN_PARAMS['wrn28_2'][0]
+    assert num_params(wrn_gn['params']) == WRN_PARAMS['wrn28_2'][0]
 
 
 # ----------------------------------------------------------------------- configuration
@@ -133,15 +121,15 @@ def test_registry_and_defaults():
 
 
 def test_wrn_structure():
-    params = _abstract_variables(models.create_model('wrn28_2'), (1, 32, 32, 3))['params']
+    params = abstract_variables(models.create_model('wrn28_2'), (1, 32, 32, 3))['params']
     assert [k for k in params if k.startswith('group')] == [f'group{g}_{b}' for g in (1, 2, 3) for b in range(4)]
     assert params['stem_conv']['kernel'].shape == (3, 3, 3, 16)
     # Projection shortcuts only where width or stride change (first block of each group).
     assert {k for k in params if 'shortcut_conv' in params[k]} == {'group1_0', 'group2_0', 'group3_0'}
     assert params['group3_3']['conv2']['kernel'].shape == (3, 3, 128, 128)
     assert params['fc']['kernel'].shape == (128, 10)
-    biased = _abstract_variables(models.create_model('wrn28_2', conv_bias=True), (1, 32, 32, 3))
-    assert _num_params(biased['params']) == WRN_PARAMS['wrn28_2'][0] + 2_032
+    biased = abstract_variables(models.create_model('wrn28_2', conv_bias=True), (1, 32, 32, 3))
+    assert num_params(biased['params']) == WRN_PARAMS['wrn28_2'][0] + 2_032
 
 
 def test_state_dict_names_match_timm():
@@ -151,7 +139,7 @@ def test_state_dict_names_match_timm():
         ref = timm.create_model('resnetv2_50x1_bit')
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     model = models.create_model('resnetv2_50x1_bit')
-    abstract = _abstract_variables(model, (1, 64, 64, 3))
+    abstract = abstract_variables(model, (1, 64, 64, 3))
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     exported = models.export_state_dict('resnetv2_50x1_bit', zeros)
     assert {k: v.shape for k, v in exported.items()} == ref_shapes
@@ -193,23 +181,6 @@ def test_resnetv2_50_logits_match_timm():
 # ----------------------------------------------------------------- forward and backward
 
 
-def _train_step(model, variables, x, labels):
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {**variables, 'params': params},
-            x,
-            train=True,
-            mutable=['batch_stats'],
-            rngs={'dropout': jax.random.key(2)},
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        variables['params']
-    )
-    return loss, logits, updates, grads
-
-
 @pytest.mark.parametrize(
     'name, size, overrides',
     [
@@ -222,9 +193,9 @@ def _train_step(model, variables, x, labels):
 )
 def test_forward_backward(name, size, overrides):
     model = models.create_model(name, **overrides)
-    x = _normal((2, size, size, 3))
+    x = normal((2, size, size, 3))
     variables = _random_variables(model, x.shape)
-    loss, logits, updates, grads = _train_step(model, variables, x, jnp.array([1, 3]))
+    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
     chex.assert_shape(logits, (2, model.num_classes))
     assert logits.dtype == jnp.float32
     chex.assert_tree_all_finite((loss, logits, grads))
@@ -241,7 +212,7 @@ def test_forward_backward(name, size, overrides):
 def test_drop_path_is_stochastic_in_train_and_identity_at_eval():
     model = models.create_model('resnetv2_50x1_bit', num_classes=10, drop_path_rate=0.5, **TINY_STAGES)
     plain = model.clone(drop_path_rate=0.0)
-    x = _normal((2, 32, 32, 3))
+    x = normal((2, 32, 32, 3))
     variables = _random_variables(model, x.shape)
 
     @jax.jit
@@ -262,7 +233,7 @@ def test_drop_path_is_stochastic_in_train_and_identity_at_eval():
 def test_return_features_and_headless_shapes():
     model = models.create_model('resnetv2_50x1_bit')
     x = jnp.zeros((2, 224, 224, 3))
-    variables = _abstract_variables(model, (1, 64, 64, 3))
+    variables = abstract_variables(model, (1, 64, 64, 3))
     logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     assert {k: v.shape for k, v in feats.items()} == {
@@ -274,14 +245,14 @@ def test_return_features_and_headless_shapes():
         'pre_logits': (2, 2048),
     }
     wide = models.create_model('resnetv2_152x4_bit', num_classes=0)
-    wide_vars = _abstract_variables(wide, (1, 64, 64, 3))
+    wide_vars = abstract_variables(wide, (1, 64, 64, 3))
     assert 'head_fc' not in wide_vars['params']
     pooled = jax.eval_shape(wide.apply, wide_vars, jnp.zeros((2, 64, 64, 3)))
     assert pooled.shape == (2, 8192) and pooled.dtype == jnp.float32
 
     wrn = models.create_model('wrn28_10')
     x = jnp.zeros((2, 32, 32, 3))
-    wrn_vars = _abstract_variables(wrn, (1, 32, 32, 3))
+    wrn_vars = abstract_variables(wrn, (1, 32, 32, 3))
     logits, feats = jax.eval_shape(functools.partial(wrn.apply, return_features=True), wrn_vars, x)
     assert logits.shape == (2, 10)
     assert {k: v.shape for k, v in feats.items()} == {
@@ -292,14 +263,14 @@ def test_return_features_and_headless_shapes():
         'pre_logits': (2, 640),
     }
     headless = models.create_model('wrn28_2', num_classes=0)
-    out = jax.eval_shape(headless.apply, _abstract_variables(headless, (1, 32, 32, 3)), x)
+    out = jax.eval_shape(headless.apply, abstract_variables(headless, (1, 32, 32, 3)), x)
     assert out.shape == (2, 128)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = models.create_model('wrn28_2', dtype=jnp.bfloat16, depth=10)
     x = jnp.zeros((2, 32, 32, 3))
-    variables = _abstract_variables(model, x.shape)
+    variables = abstract_variables(model, x.shape)
     assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
     logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
     assert logits.dtype == jnp.float32 and feats['stage3'].dtype == jnp.bfloat16

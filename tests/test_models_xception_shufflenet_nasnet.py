@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 
+from modeltest import num_params  # noqa: E402
 from parity import assert_logits_match  # noqa: E402
 
 # sum(p.numel() for p in m.parameters()), torch 2.14 / torchvision 0.29.1 / timm 1.0.29:
@@ -56,14 +57,10 @@ def _abstract_variables(model, size, batch=1):
     )
 
 
-def _num_params(tree) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMS))
 def test_param_count_matches_reference(name):
     variables = _abstract_variables(models.create_model(name), 75)
-    assert _num_params(variables["params"]) == REFERENCE_PARAMS[name]
+    assert num_params(variables["params"]) == REFERENCE_PARAMS[name]
 
 
 def test_nasnet_feature_shapes():

@@ -19,14 +19,13 @@ import signal
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import read_jsonl, run_train, run_train_multiprocess, small_config
 
 import input_pipeline
 import models
-from conftest import read_jsonl, run_train, run_train_multiprocess, small_config
 from trainers import core, optim, supervised
 from trainers.checkpointing import CheckpointMismatchError, load_state_arrays
 
