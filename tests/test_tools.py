@@ -36,6 +36,20 @@ def test_benchmark_reports_throughput_compile_time_and_memory():
     assert f['compiled_footprint_mb'] > 0
 
 
+def test_benchmark_frozen_backbone_step_is_smaller():
+    """With everything but the classifier frozen, the step computes no weight gradients
+    and keeps no optimizer state for the backbone: XLA's footprint of the compiled step
+    (arguments, outputs, temporaries) must shrink."""
+    from tools import benchmark
+
+    common = ['--model', 'resnet_tiny', '--batch-size', '4', '--resolution', '16',
+              '--steps', '1', '--warmup', '0', '--json']
+    full = benchmark.main(common)['flaxnets']['compiled_footprint_mb']
+    probe = benchmark.main([*common, '--freeze', '^(params|batch_stats)/(?!fc/)'])
+    assert probe['freeze'] == ['^(params|batch_stats)/(?!fc/)']
+    assert probe['flaxnets']['compiled_footprint_mb'] < 0.7 * full
+
+
 def test_benchmark_compares_with_the_reference_implementation():
     import pytest
 

@@ -3,6 +3,7 @@
     python tools/benchmark.py --model resnet50 --batch-size 32 --resolution 64
     python tools/benchmark.py --model resnet50 --resolution 64 --dtype bfloat16
     python tools/benchmark.py --model densenet121 --resolution 64 --compare-timm
+    python tools/benchmark.py --model resnet50 --resolution 64 --freeze '^params/(?!fc/)'
 
 Runs on the current JAX backend (CPU, GPU or TPU) with the trainer's own jitted step
 (SGD + momentum, weight decay, the model's BatchNorm updates, donated state), so the
@@ -12,7 +13,8 @@ timm (else torchvision) model of the same name, random init, and times its train
 ratio. Timings are medians over `--steps` runs after `--warmup` runs; compile time is the
 ahead-of-time `lower().compile()` wall time. Memory: the device's peak where the backend
 reports it (GPU/TPU), and XLA's compiled footprint of the train step (arguments, outputs
-and temporaries) everywhere.
+and temporaries) everywhere. `--freeze REGEX` (repeatable, `config.finetune.freeze`
+syntax) times the step a fine-tune with those layers frozen runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from trainers import core, optim  # noqa: E402
+from trainers import core, finetune, optim  # noqa: E402
 
 
 def _bench_config(args) -> ml_collections.ConfigDict:
@@ -80,7 +82,8 @@ def bench_jax(args) -> dict:
     model = models.create_model(args.model, dtype=core.compute_dtype(config))
     mesh = core.create_mesh()
     schedule = optim.create_schedule(config)
-    tx = optim.create_optimizer(config, schedule)
+    freeze = finetune.compile_patterns(args.freeze, 'freeze')
+    tx = finetune.freeze_optimizer(optim.create_optimizer(config, schedule), freeze)
     shape = (args.batch_size, args.resolution, args.resolution, channels)
     state, shardings = core.create_train_state(
         model, tx, rng=jax.random.key(0), input_shape=(1, *shape[1:]), use_ema=False, mesh=mesh
@@ -90,7 +93,11 @@ def bench_jax(args) -> dict:
         'image': rng.standard_normal(shape).astype(np.float32),
         'label': rng.integers(0, cfg.num_classes, args.batch_size).astype(np.int32),
     }, core.batch_sharding(mesh))
-    step = core.jit_train_step(core.make_train_step(model, tx, schedule, config), shardings, mesh)
+    frozen = {}
+    if freeze:
+        frozen = dict(frozen_params=finetune.frozen_mask(state.params, freeze, 'params'),
+                      frozen_stats=finetune.frozen_mask(state.batch_stats, freeze, 'batch_stats'))
+    step = core.jit_train_step(core.make_train_step(model, tx, schedule, config, **frozen), shardings, mesh)
     t = time.perf_counter()
     compiled_step = step.lower(state, batch).compile()
     train_compile = time.perf_counter() - t
@@ -198,12 +205,14 @@ def main(argv=None) -> dict:
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--compare-timm', action='store_true')
+    parser.add_argument('--freeze', action='append', default=[], metavar='REGEX',
+                        help='freeze matching variables (params/<path>, batch_stats/<path>)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
     args = parser.parse_args(argv)
     if not args.resolution:
         args.resolution = models.get_model_cfg(args.model).input_size[0]
     result = {'model': args.model, 'batch_size': args.batch_size, 'resolution': args.resolution,
-              'dtype': args.dtype, 'flaxnets': bench_jax(args)}
+              'dtype': args.dtype, 'freeze': args.freeze, 'flaxnets': bench_jax(args)}
     if args.compare_timm:
         result['reference'] = bench_torch(args)
         for k in ('train_images_per_sec', 'infer_images_per_sec'):
@@ -213,7 +222,7 @@ def main(argv=None) -> dict:
     else:
         f = result['flaxnets']
         print(f"{args.model} @ {args.resolution}px, batch {args.batch_size}, {args.dtype}, "
-              f"{f['backend']} x{f['devices']}")
+              f"{f['backend']} x{f['devices']}" + (f", frozen {args.freeze}" if args.freeze else ''))
         print(f"  flaxnets  train {f['train_images_per_sec']:.1f} img/s | infer "
               f"{f['infer_images_per_sec']:.1f} img/s | compile train {f['train_compile_s']:.1f}s "
               f"infer {f['infer_compile_s']:.1f}s | " + ' '.join(
