@@ -15,6 +15,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import small_config
 from flax import traverse_util
@@ -209,11 +210,11 @@ def test_finetune_freezes_resumes_and_never_rereads_the_source(data_dir, pretrai
 
 def test_frozen_parameters_get_no_gradient_and_no_update(data_dir):
     """The step stops gradients at frozen parameters: `grad_norm` is the norm of the
-    trainable gradients alone, and frozen weights and statistics keep their values even
-    under weight decay."""
+    trainable gradients alone, and frozen weights keep their values even under weight
+    decay."""
     config = _config(data_dir, weight_decay=0.1)
     config.schedule.warmup_steps = 0  # a non-zero learning rate at step 0
-    patterns = finetune.compile_patterns(('^(params|batch_stats)/(c1|n1)/',), 'freeze')
+    patterns = finetune.compile_patterns(('^params/(c1|n1)/',), 'freeze')
     model = models.create_model(config.model, num_classes=10, **supervised.model_overrides(config))
     schedule = supervised.optim.create_schedule(config)
     tx = finetune.freeze_optimizer(supervised.optim.create_optimizer(config, schedule), patterns)
@@ -222,10 +223,8 @@ def test_frozen_parameters_get_no_gradient_and_no_update(data_dir):
         mesh=core.create_mesh(),
     )
     frozen_params = finetune.frozen_mask(state.params, patterns, 'params')
-    frozen_stats = finetune.frozen_mask(state.batch_stats, patterns, 'batch_stats')
     assert set(k[0] for k, f in traverse_util.flatten_dict(frozen_params).items() if f) == {'c1', 'n1'}
-    step = jax.jit(core.make_train_step(
-        model, tx, schedule, config, frozen_params=frozen_params, frozen_stats=frozen_stats))
+    step = jax.jit(core.make_train_step(model, tx, schedule, config, frozen_params=frozen_params))
     rng = np.random.default_rng(0)
     batch = {'image': jnp.asarray(rng.normal(size=(8, 32, 32, 1)), jnp.float32),
              'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
@@ -239,14 +238,40 @@ def test_frozen_parameters_get_no_gradient_and_no_update(data_dir):
     grads = _flat(jax.grad(loss)(state.params))
     trainable = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for k, g in grads.items() if k[0] not in ('c1', 'n1')))
     everything = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads.values()))
-    before = (_flat(state.params), _flat(state.batch_stats))
+    before = _flat(state.params)
     state, metrics = step(state, batch)
     assert abs(everything - trainable) > 1e-3  # the frozen layers do have gradients
     np.testing.assert_allclose(float(metrics['grad_norm']), trainable, rtol=1e-4)
-    changed = {k[0] for k, v in _flat(state.params).items() if not np.array_equal(v, before[0][k])}
+    changed = {k[0] for k, v in _flat(state.params).items() if not np.array_equal(v, before[k])}
     assert changed and not changed & {'c1', 'n1'}, changed
-    for k, v in _flat(state.batch_stats).items():
-        assert np.array_equal(v, before[1][k]) == (k[0] == 'n1'), k
+
+
+@pytest.mark.parametrize('frozen', [True, False])
+def test_frozen_batchnorm_runs_in_eval_mode_during_training(data_dir, frozen):
+    """Frozen BatchNorm layers normalise with their running statistics in the train step,
+    as at evaluation, and keep them: with every one frozen (and no dropout) the step's
+    loss is the eval-mode loss. Unfrozen, the step uses batch statistics (the control)."""
+    config = _config(data_dir)
+    model = models.create_model(config.model, num_classes=10, drop_rate=0.0,
+                                **supervised.model_overrides(config))
+    state = _fresh_state(config, 10)
+    # Running statistics far from any batch's, so the two modes give different losses.
+    state = state.replace(batch_stats=jax.tree.map(lambda v: v + 3.0, state.batch_stats))
+    frozen_stats = jax.tree.map(lambda _: frozen, state.batch_stats)
+    rng = np.random.default_rng(0)
+    batch = {'image': jnp.asarray(rng.normal(size=(8, 32, 32, 1)), jnp.float32),
+             'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32)}
+    logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+    eval_loss = float(core.cross_entropy(logits, batch['label']).mean())
+
+    step = jax.jit(core.make_train_step(model, optax.sgd(0.0), lambda s: 0.0, config, frozen_stats=frozen_stats))
+    new_state, metrics = step(state, batch)
+    if frozen:
+        np.testing.assert_allclose(float(metrics['loss']), eval_loss, rtol=1e-5)
+        for k, v in _flat(new_state.batch_stats).items():
+            np.testing.assert_array_equal(v, _flat(state.batch_stats)[k])
+    else:
+        assert abs(float(metrics['loss']) - eval_loss) > 0.1
 
 
 def test_other_trainers_reject_init_from(data_dir):

@@ -10,10 +10,12 @@ computed over the global batch (synchronised BN) with no `axis_name` bookkeeping
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
+import flax.linen
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -201,11 +203,28 @@ def make_train_step(
     so XLA drops the weight-gradient computations, and `grad_norm` counts only trainable
     parameters; the optimizer must also leave them alone (see
     `finetune.freeze_optimizer`), or weight decay would still move them. `frozen_stats`,
-    shaped like `batch_stats`, marks BatchNorm statistics that keep their value.
+    shaped like `batch_stats`, marks frozen BatchNorm layers (a marked statistic freezes
+    its layer): they run in eval mode in the train step too, normalising with their
+    running statistics and leaving them as they are (timm's `FrozenBatchNorm2d`), so a
+    frozen block computes in training exactly what it computes at evaluation.
     """
     base_rng = jax.random.key(config.seed)
     label_smoothing = config.get('label_smoothing', 0.0)
     ema_decay = config.get('ema_decay', 0.0)
+
+    frozen_norms = frozenset(
+        tuple(p.key for p in path[:-1])
+        for path, frozen in jax.tree_util.tree_leaves_with_path(frozen_stats or {}) if frozen
+    )
+
+    def eval_mode_frozen_norms(next_fun, args, kwargs, context):
+        """Runs a frozen BatchNorm as an unbound eval-mode copy on its own variables."""
+        norm = context.module
+        if (context.method_name == '__call__' and isinstance(norm, flax.linen.BatchNorm)
+                and tuple(norm.path) in frozen_norms):
+            variables = {k: norm.variables[k] for k in ('params', 'batch_stats') if k in norm.variables}
+            return norm.clone(parent=None, use_running_average=True).apply(variables, *args, **kwargs)
+        return next_fun(*args, **kwargs)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(base_rng, state.step)
@@ -216,13 +235,15 @@ def make_train_step(
                 params = jax.tree.map(
                     lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
                 )
-            out, mutated = model.apply(
-                model_variables(params, state.batch_stats),
-                batch['image'],
-                train=True,
-                mutable=['batch_stats'] if has_bn else [],
-                rngs={'dropout': rng},
-            )
+            with (flax.linen.intercept_methods(eval_mode_frozen_norms) if frozen_norms
+                  else contextlib.nullcontext()):
+                out, mutated = model.apply(
+                    model_variables(params, state.batch_stats),
+                    batch['image'],
+                    train=True,
+                    mutable=['batch_stats'] if has_bn else [],
+                    rngs={'dropout': rng},
+                )
             per_example = example_losses(out, batch, label_smoothing)
             if 'weight' in batch:
                 loss = jnp.sum(per_example * batch['weight'])
@@ -234,11 +255,6 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         batch_stats = mutated['batch_stats'] if has_bn else state.batch_stats
-        if has_bn and frozen_stats is not None:
-            batch_stats = jax.tree.map(
-                lambda keep, old, fresh: old if keep else fresh,
-                frozen_stats, state.batch_stats, batch_stats,
-            )
         new = state.replace(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )

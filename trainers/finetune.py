@@ -27,8 +27,9 @@ weights timm downloads (needs internet and timm; tests use local files only).
       found structurally: the variables whose shapes change with `num_classes`.
   no_load: regexes (re.search on paths such as 'params/layer4_2/conv3/kernel' or
       'batch_stats/bn1/mean'); matching variables keep their fresh init.
-  freeze: regexes on the same paths; matching parameters get no updates (and no weight
-      decay) and matching BatchNorm statistics are not updated.
+  freeze: regexes on the same paths; matching parameters get no gradient and no update
+      (no weight decay either); a BatchNorm layer with matching statistics runs in eval
+      mode during training too (running statistics, never updated).
   strict: True (default) fails before training on any variable the source lacks, any
       shape mismatch outside the re-initialised head, and any source entry the model
       has no place for; False logs the same report as a warning and keeps the fresh
