@@ -17,10 +17,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compilation, not arithmetic, dominates these tests on a 2-core CPU (XLA:CPU spends ~30 s
 # optimising ResNet-18's init). Every compiled function here runs a handful of times, so
 # trade run time for compile time. Set before JAX is imported; subprocesses inherit it.
-FAST_COMPILE_FLAGS = (
-    '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
-    '--xla_cpu_use_fusion_emitters=false'
-)
+FAST_COMPILE = {
+    'xla_backend_optimization_level': 0,
+    'xla_llvm_disable_expensive_passes': True,
+    'xla_cpu_use_fusion_emitters': False,
+}
+FAST_COMPILE_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in FAST_COMPILE.items())
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_COMPILE_FLAGS).strip()
 
 # The regular torch build ships triton, whose native library crashes the interpreter when

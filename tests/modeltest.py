@@ -1,8 +1,9 @@
 """Helpers shared by the model test modules.
 
 Most compiled functions in these tests run once or twice on a busy 2-core machine, so
-they are compiled with :data:`FAST_COMPILE` (cheap XLA:CPU passes: less compile time,
-slower code). `conftest.FAST_COMPILE_FLAGS` passes the same options to subprocesses.
+they are compiled with `conftest.FAST_COMPILE` (cheap XLA:CPU passes: less compile time,
+slower code), the options conftest also puts in XLA_FLAGS for the session and its
+subprocesses.
 """
 
 from __future__ import annotations
@@ -11,16 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-FAST_COMPILE = {
-    'xla_backend_optimization_level': 0,
-    'xla_llvm_disable_expensive_passes': True,
-    'xla_cpu_use_fusion_emitters': False,
-}
+from conftest import FAST_COMPILE
 
 
 def compile_fast(fn, *args):
-    """``jax.jit(fn)`` compiled for ``args`` with :data:`FAST_COMPILE`."""
+    """``jax.jit(fn)`` compiled for ``args`` with ``FAST_COMPILE``."""
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 

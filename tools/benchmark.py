@@ -93,11 +93,8 @@ def bench_jax(args) -> dict:
         'image': rng.standard_normal(shape).astype(np.float32),
         'label': rng.integers(0, cfg.num_classes, args.batch_size).astype(np.int32),
     }, core.batch_sharding(mesh))
-    frozen = {}
-    if freeze:
-        frozen = dict(frozen_params=finetune.frozen_mask(state.params, freeze, 'params'),
-                      frozen_stats=finetune.frozen_mask(state.batch_stats, freeze, 'batch_stats'))
-    step = core.jit_train_step(core.make_train_step(model, tx, schedule, config, **frozen), shardings, mesh)
+    step = core.jit_train_step(core.make_train_step(
+        model, tx, schedule, config, **finetune.frozen_step_kwargs(state, freeze)), shardings, mesh)
     t = time.perf_counter()
     compiled_step = step.lower(state, batch).compile()
     train_compile = time.perf_counter() - t

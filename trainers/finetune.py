@@ -522,6 +522,17 @@ def frozen_mask(tree: Any, patterns: Sequence[re.Pattern[str]], collection: str)
     )
 
 
+def frozen_step_kwargs(state: Any, patterns: Sequence[re.Pattern[str]]) -> dict[str, Any]:
+    """`core.make_train_step` arguments for the freeze regexes: `frozen_params` and
+    `frozen_stats` masks of `state`, or nothing when no pattern is given."""
+    if not patterns:
+        return {}
+    return {
+        'frozen_params': frozen_mask(state.params, patterns, 'params'),
+        'frozen_stats': frozen_mask(state.batch_stats, patterns, 'batch_stats'),
+    }
+
+
 def freeze_optimizer(
     tx: optax.GradientTransformation, patterns: Sequence[re.Pattern[str]]
 ) -> optax.GradientTransformation:

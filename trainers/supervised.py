@@ -233,8 +233,7 @@ def train_and_evaluate(
     train_step = core.jit_train_step(
         core.make_train_step(
             model, setup.tx, setup.schedule, config,
-            frozen_params=finetune.frozen_mask(state.params, setup.freeze, 'params') if setup.freeze else None,
-            frozen_stats=finetune.frozen_mask(state.batch_stats, setup.freeze, 'batch_stats') if setup.freeze else None,
+            **finetune.frozen_step_kwargs(state, setup.freeze),
         ),
         state_sharding, mesh,
     )
