@@ -4,19 +4,29 @@
         [--config.batch_size=256 ...]
 
 The trainer is `config.trainer` ('supervised' | 'noisy_student' | 'mpl'). Starting again
-with the same --workdir resumes from its newest checkpoint. Multi-host: pass
+with the same --workdir resumes from its newest checkpoint. --config is a path relative
+to the working directory or to the repository root. A mistake in the command or config
+(flaxnets_errors.UserError) prints one message and exits with status 2; --verbose or
+FLAXNETS_VERBOSE=1 adds the traceback. Multi-host: pass
 --coordinator_address/--num_processes/--process_id, or, on TPU pods, SLURM and Open MPI,
 nothing: JAX detects the cluster itself.
 """
 
 from __future__ import annotations
 
+import difflib
+import glob
 import logging as logging_std
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from flaxnets_errors import ConfigError, InputNotFoundError, UserError
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+USER_ERROR_EXIT_CODE = 2
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (a get_config() module).', lock_config=True
@@ -27,6 +37,9 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'Show the traceback of user errors too (also: FLAXNETS_VERBOSE=1).'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -46,7 +59,7 @@ def _initialize_distributed() -> None:
 
     explicit = [f.value is not None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)]
     if any(explicit) and not all(explicit):
-        raise app.UsageError(
+        raise ConfigError(
             '--coordinator_address, --num_processes and --process_id go together: give all three.'
         )
     detected = _cluster_detected()
@@ -109,14 +122,57 @@ def _explain_bad_override(argv: list[str]) -> str | None:
     )
 
 
+def _config_arg_index(argv: list[str]) -> tuple[int, str] | None:
+    """(index, value) of the --config argument: `--config=PATH` or `--config PATH`."""
+    for i, a in enumerate(argv[1:], 1):
+        if a.startswith('--config='):
+            return i, a.split('=', 1)[1]
+        if a == '--config' and i + 1 < len(argv):
+            return i + 1, argv[i + 1]
+    return None
+
+
+def _resolve_config_path(argv: list[str]) -> list[str]:
+    """Finds the --config file from any working directory.
+
+    A path that does not exist as given is looked up relative to the repository root, so
+    `python /path/to/flaxnets/train.py --config configs/default.py` works from anywhere.
+    The optional `:argument` suffix of config_flags (`file.py:arg`) is kept.
+    """
+    found = _config_arg_index(argv)
+    if found is None:
+        return argv
+    i, value = found
+    path, sep, arg = value.partition(':')
+    if os.path.isfile(path):
+        return argv
+    in_repo = os.path.join(REPO, path)
+    if not os.path.isabs(path) and os.path.isfile(in_repo):
+        argv = list(argv)
+        argv[i] = argv[i][: len(argv[i]) - len(value)] + in_repo + sep + arg
+        return argv
+    pattern = os.path.join(REPO, 'configs', '**', '*.py')
+    known = sorted(
+        os.path.relpath(p, REPO) for p in glob.glob(pattern, recursive=True)
+        if not p.endswith('__init__.py')
+    )
+    close = difflib.get_close_matches(path, known, n=3, cutoff=0.8)
+    hint = f' Did you mean {" or ".join(close)}?' if close else f' Configs: {", ".join(known)}.'
+    where = os.getcwd() if os.path.isabs(path) else f'{os.getcwd()} and {REPO}'
+    raise InputNotFoundError(f'Config file {path!r} not found (looked in {where}).{hint}')
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
+    argv = _resolve_config_path(argv)
     try:
         return flags.FLAGS(argv)
+    except flags.Error as e:  # a bad flag value, an unknown or missing flag
+        raise ConfigError(str(e)) from e
     except (KeyError, AttributeError) as e:
         message = _explain_bad_override(argv)
         if message is None:
             raise
-        raise app.UsageError(message) from e
+        raise ConfigError(message) from e
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -133,7 +189,7 @@ class _QuietLibraries(logging_std.Filter):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+        raise ConfigError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
     logging.get_absl_handler().addFilter(_QuietLibraries())
     # tf.data only: keep TensorFlow off the accelerators JAX uses.
     import tensorflow as tf
@@ -143,11 +199,39 @@ def main(argv):
 
     import trainers
 
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        raise ConfigError(f'--workdir {_WORKDIR.value} exists and is not a directory.')
     config = _CONFIG.value
+    from trainers import core
+
+    cache = core.enable_compilation_cache(config.get('compilation_cache_dir'))
+    if cache:
+        logging.info('Compilation cache: %s (--config.compilation_cache_dir=\'\' turns it off).', cache)
     trainer = trainers.get_trainer(config.get('trainer', 'supervised'))
     trainer.train_and_evaluate(config, _WORKDIR.value)
 
 
+def _verbose(argv: list[str]) -> bool:
+    if os.environ.get('FLAXNETS_VERBOSE', '').lower() not in ('', '0', 'false'):
+        return True
+    if flags.FLAGS.is_parsed():
+        return _VERBOSE.value
+    return any(a in ('--verbose', '--verbose=true', '--verbose=1') for a in argv)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """app.run(main) with the one handler for user errors: message only, exit status 2."""
+    argv = sys.argv if argv is None else argv
+    try:
+        app.run(main, argv=argv, flags_parser=_parse_flags)
+    except UserError as e:
+        if _verbose(argv):
+            raise
+        logging.flush()
+        print(f'train.py: error: {e}', file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
 if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main, flags_parser=_parse_flags)
+    sys.path.insert(0, REPO)
+    run()

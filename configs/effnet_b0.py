@@ -99,5 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.grad_clip_norm = 0.0
     config.compute_dtype = 'float32'
     config.shard_params = False
+    # JAX's persistent compilation cache: a second run of the same program skips XLA
+    # compilation. None: the per-user default (~/.cache/flaxnets/jax); '' turns it off.
+    config.compilation_cache_dir = None
     config.prefetch_to_device = 2
     return config

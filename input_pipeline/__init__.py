@@ -39,6 +39,7 @@ def load_source(data_config, dataset: str, split: str) -> ArraySource:
     if sources.is_folder(dataset):
         return sources.folder_source(dataset, split)
     builder = sources.get_builder(dataset, data_config.data_dir, data_config.download)
+    sources.check_split(builder, split)
     return sources.load_in_memory(builder, split)
 
 

@@ -43,6 +43,8 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from flaxnets_errors import ConfigError
+
 FILL_VALUE = 0.0
 MAX_LEVEL = 10.0  # The level at which an op reaches its range maximum.
 MAX_MAGNITUDE = 30.0
@@ -422,7 +424,7 @@ def resolve_ops(spec: str) -> tuple[tuple[str, ...], dict[str, float]]:
     names = tuple(n.strip() for n in spec.split(',') if n.strip())
     unknown = [n for n in names if n not in OPS]
     if unknown or not names:
-        raise ValueError(
+        raise ConfigError(
             f'randaugment_ops {spec!r}: expected a preset ({", ".join(RANDAUGMENT_PRESETS)}) '
             f'or a comma-separated list of {", ".join(OPS)}; unknown: {unknown or "empty"}.'
         )
@@ -538,12 +540,12 @@ def example_augmenter(data_config) -> Callable | None:
     layers = int(data_config.get('randaugment_layers', 0))
     policy = data_config.get('autoaugment', '') or ''
     if layers < 0:
-        raise ValueError(f'randaugment_layers must be >= 0, got {layers}.')
+        raise ConfigError(f'randaugment_layers must be >= 0, got {layers}.')
     if layers and policy:
-        raise ValueError('Set either randaugment_layers or autoaugment, not both.')
+        raise ConfigError('Set either randaugment_layers or autoaugment, not both.')
     if policy:
         if policy not in AUTOAUGMENT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f'autoaugment {policy!r}: expected "" or one of {sorted(AUTOAUGMENT_POLICIES)}.'
             )
         return lambda image, seed: autoaugment(image, seed, policy=policy)
@@ -551,7 +553,7 @@ def example_augmenter(data_config) -> Callable | None:
         return None
     magnitude = float(data_config.randaugment_magnitude)
     if not 0.0 <= magnitude <= MAX_MAGNITUDE:
-        raise ValueError(f'randaugment_magnitude must be in [0, 30], got {magnitude}.')
+        raise ConfigError(f'randaugment_magnitude must be in [0, 30], got {magnitude}.')
     ops = data_config.randaugment_ops
     resolve_ops(ops)  # Fail at construction, not inside tf.data.
     std = float(data_config.get('randaugment_magnitude_std', 0.0))
@@ -675,9 +677,9 @@ def batch_mixer(data_config, num_classes: int) -> Callable | None:
     prob = float(data_config.get('mix_prob', 1.0))
     switch_prob = float(data_config.get('mix_switch_prob', 0.5))
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError('mixup_alpha and cutmix_alpha must be >= 0.')
+        raise ConfigError('mixup_alpha and cutmix_alpha must be >= 0.')
     if not (0.0 <= prob <= 1.0 and 0.0 <= switch_prob <= 1.0):
-        raise ValueError('mix_prob and mix_switch_prob must be in [0, 1].')
+        raise ConfigError('mix_prob and mix_switch_prob must be in [0, 1].')
     if not mixing_enabled(data_config):
         return None
     return lambda images, labels, partner_images, partner_labels, seed: mix_batch(

@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flaxnets_errors import ConfigError
 from input_pipeline import augment, preprocess, sources
 
 
@@ -46,7 +47,7 @@ def _process_layout(global_batch_size, process_index, process_count) -> tuple[in
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f'global_batch_size {global_batch_size} is not divisible by the '
             f'{process_count} processes.'
         )
@@ -198,6 +199,7 @@ def _resolve(data_config, dataset: str, split: str, source=None):
     if sources.is_folder(dataset):
         return 'random_access', sources.folder_source(dataset, split)
     builder = sources.get_builder(dataset, data_config.data_dir, data_config.download)
+    sources.check_split(builder, split)
     if sources.use_in_memory(data_config.in_memory, builder, split):
         return 'random_access', sources.load_in_memory(builder, split)
     return 'streaming', builder
@@ -256,7 +258,7 @@ def create_train_iterator(
     mode, data = _resolve(data_config, dataset, split, source)
     kind = data.kind if mode == 'random_access' else 'encoded'
     if mode == 'random_access' and data.extras and augment.mixing_enabled(data_config):
-        raise ValueError(
+        raise ConfigError(
             'mixup/CutMix on a source with its own soft targets (pseudo-labels) is not '
             'supported; set config.data.mixup_alpha and cutmix_alpha to 0 for it.'
         )

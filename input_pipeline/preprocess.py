@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from flaxnets_errors import ConfigError
 from input_pipeline import augment
 
 _METHODS = {
@@ -178,13 +179,13 @@ def make_preprocess_fn(
     for batch-level mixing that normalises afterwards.
     """
     if data_config.preprocess not in ('imagenet', 'small'):
-        raise ValueError(f'Unknown preprocess {data_config.preprocess!r}.')
+        raise ConfigError(f'Unknown preprocess {data_config.preprocess!r}.')
     if data_config.train_augment not in ('inception_crop', 'random_crop', 'crop', 'none'):
-        raise ValueError(f'Unknown train_augment {data_config.train_augment!r}.')
+        raise ConfigError(f'Unknown train_augment {data_config.train_augment!r}.')
     if data_config.interpolation not in _METHODS:
-        raise ValueError(f'interpolation must be one of {sorted(_METHODS)}.')
+        raise ConfigError(f'interpolation must be one of {sorted(_METHODS)}.')
     if channels not in (1, 3):
-        raise ValueError(f'channels must be 1 or 3, got {channels}.')
+        raise ConfigError(f'channels must be 1 or 3, got {channels}.')
     method = data_config.interpolation
     augment_fn = augment.example_augmenter(data_config) if train else None
 

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from flaxnets_errors import ConfigError, UserError
 from input_pipeline import builders
 
 FOLDER_PREFIX = 'folder:'
@@ -41,15 +42,19 @@ class DatasetInfo:
         split_sizes: examples per split; empty if unknown (under tfds mock data).
         image_shape: (height, width, channels) of the stored images; None for a
             dimension that varies between images (ImageNet, image folders).
+        class_names: the name of every label, in label order: the tfds metadata's
+            `ClassLabel` names (WordNet ids for ImageNet, '0'..'9' for the digit sets)
+            or the class folder names; None when unknown.
     """
 
     name: str
     num_classes: int
     split_sizes: dict[str, int]
     image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None = None
 
 
-class DatasetNotAvailableError(RuntimeError):
+class DatasetNotAvailableError(UserError, RuntimeError):
     """The dataset is not on disk (and downloading was not allowed) or unknown."""
 
 
@@ -102,7 +107,7 @@ def per_class_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
     for c in np.unique(labels):
         idx = np.nonzero(labels == c)[0]
         if len(idx) < per_class:
-            raise ValueError(f'Class {c} has only {len(idx)} examples; asked for {per_class} per class.')
+            raise ConfigError(f'Class {c} has only {len(idx)} examples; asked for {per_class} per class.')
         out.append(idx[:per_class])
     return np.sort(np.concatenate(out))
 
@@ -185,6 +190,22 @@ def get_builder(
     raise _not_prepared_error(builder)
 
 
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+    """Raises ConfigError, naming the dataset's splits, for a split tfds cannot read."""
+    if tfds_is_mocked():
+        return  # mock data reads any split name
+    try:
+        builder.info.splits[split]
+    except (KeyError, ValueError) as e:
+        reason = ' '.join(str(e).split())
+        names = sorted(builder.info.splits)
+        if not all(repr(n) in reason for n in names):
+            reason += f' Splits of {builder.name}: {", ".join(names)}.'
+        raise ConfigError(
+            f'Split {split!r}: {reason} Slices and sums like "train[:90%]" or "train+test" work too.'
+        ) from e
+
+
 def _split_size(builder: tfds.core.DatasetBuilder, split: str) -> int | None:
     try:
         return builder.info.splits[split].num_examples
@@ -199,6 +220,7 @@ def tfds_info(dataset: str, builder: tfds.core.DatasetBuilder) -> DatasetInfo:
         num_classes=int(features['label'].num_classes),
         split_sizes={k: int(v.num_examples) for k, v in builder.info.splits.items()},
         image_shape=tuple(features['image'].shape),
+        class_names=tuple(features['label'].names),
     )
 
 
@@ -207,7 +229,7 @@ def use_in_memory(setting, builder: tfds.core.DatasetBuilder, split: str) -> boo
     if isinstance(setting, bool):
         return setting
     if setting != 'auto':
-        raise ValueError(f"in_memory must be 'auto', True or False, got {setting!r}.")
+        raise ConfigError(f"in_memory must be 'auto', True or False, got {setting!r}.")
     shape = builder.info.features['image'].shape
     static = all(d is not None for d in shape)
     n = _split_size(builder, split)
@@ -261,7 +283,7 @@ def load_in_memory(builder: tfds.core.DatasetBuilder, split: str) -> ArraySource
             xs.append(batch['x'])
             labels.append(batch['label'])
         if not labels:
-            raise ValueError(f'Split {split!r} of {builder.name} is empty.')
+            raise ConfigError(f'Split {split!r} of {builder.name} is empty.')
         source = ArraySource(
             kind='array' if static else 'encoded',
             data=np.concatenate(xs),
@@ -357,6 +379,7 @@ def folder_info(dataset: str) -> DatasetInfo:
         split_sizes={s: len(v) for s, v in files.items()},
         # Folders may mix sizes; images are decoded to RGB.
         image_shape=(None, None, 3),
+        class_names=tuple(class_names),
     )
 
 

@@ -25,6 +25,7 @@ from models import (  # noqa: F401
 )
 from models.convert import ConversionError, convert_state_dict, export_state_dict
 from models.registry import (
+    MODEL_ALIASES,
     ModelCfg,
     UnknownModelError,
     create_model,
@@ -32,9 +33,11 @@ from models.registry import (
     get_model_family,
     list_models,
     register_model,
+    resolve_model_name,
 )
 
 __all__ = [
+    'MODEL_ALIASES',
     'ConversionError',
     'ModelCfg',
     'UnknownModelError',
@@ -45,4 +48,5 @@ __all__ = [
     'get_model_family',
     'list_models',
     'register_model',
+    'resolve_model_name',
 ]

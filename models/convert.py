@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from flaxnets_errors import UserError
 from models import registry
 
 Transform = Callable[[np.ndarray], np.ndarray] | None
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A state dict does not match a model; the message lists every mismatch by name.
 
     Attributes:

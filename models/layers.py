@@ -12,8 +12,11 @@ are reduced in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -97,6 +100,167 @@ def check_model_padding(padding: str, model: str) -> None:
         raise ValueError(f'{model} padding must be one of {MODEL_PADDING_MODES}, got {padding!r}')
 
 
+# ----------------------------------------------------------------------------- convolution
+#
+# The one place that decides how a convolution runs. Every conv of every family (nn.Conv /
+# StdConv built by `conv_factory`, NFNet's ScaledStdConv, LeNet-5's scattered C3) calls
+# `conv_general_dilated` below, which has lax.conv_general_dilated's signature and result:
+#
+# - dense (feature_group_count == 1): XLA's convolution.
+# - depthwise (one group per input channel): on CPU a sum of shifted multiply-adds over
+#   the kernel taps; XLA:CPU runs the grouped convolution's backward pass as a dense one
+#   (efficientnet_b0's train step counts ~10x its FLOPs), while the shifted form
+#   differentiates into elementwise products and reductions. Elsewhere (GPU/TPU) the
+#   native grouped convolution. The choice is `lax.platform_dependent`, so a program
+#   exported from a CPU for 'cuda'/'tpu' carries the native convolution.
+# - grouped (1 < groups < channels): the native convolution, but under `jax.shard_map`
+#   over the 'data' mesh axis when one is active (`jax.set_mesh`, as the trainers do):
+#   XLA's SPMD partitioner does not partition grouped convolutions by batch; it gathers
+#   the whole batch onto every device (openxla/xla#47945). Inside shard_map each device
+#   convolves its own slice; the kernel's gradient is summed over the axis by shard_map's
+#   transpose, as the data-parallel gradient is anyway.
+
+DATA_AXIS = 'data'
+DEPTHWISE_IMPLS = ('auto', 'shifted', 'native')
+_depthwise_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'flaxnets_depthwise_impl', default=None
+)
+
+
+@contextlib.contextmanager
+def depthwise_implementation(impl: str):
+    """Forces how depthwise convolutions traced inside the block run.
+
+    Args:
+        impl: ``'auto'`` (shifted multiply-adds on CPU, the native grouped convolution
+            elsewhere), ``'shifted'`` or ``'native'`` everywhere. The environment variable
+            ``FLAXNETS_DEPTHWISE_CONV`` sets the default. Read at trace time: a function
+            already compiled keeps the implementation it was traced with.
+    """
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+    token = _depthwise_impl.set(impl)
+    try:
+        yield
+    finally:
+        _depthwise_impl.reset(token)
+
+
+def _explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> list[tuple[int, int]]:
+    if isinstance(padding, str):
+        window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation, strict=True)]
+        return jax.lax.padtype_to_pads(in_hw, window, strides, padding)
+    return [tuple(p) for p in padding]
+
+
+def depthwise_conv_shifted(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Padding,
+    rhs_dilation: Sequence[int] | None = None,
+) -> jax.Array:
+    """Depthwise convolution (NHWC input, HWIO kernel with I == 1) as a sum of shifted
+    multiply-adds, one per kernel tap: equal to ``lax.conv_general_dilated(...,
+    feature_group_count=C)``, including channel multipliers (O = C * M: output channel
+    ``c * M + m`` reads input channel ``c``, XLA's group order).
+
+    Products of low-precision inputs are accumulated in float32, as XLA's convolutions do.
+    """
+    n, h, w, c = lhs.shape
+    kh, kw, _, out = rhs.shape
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation or (1, 1))
+    if out != c:
+        lhs = jnp.repeat(lhs, out // c, axis=-1)
+    (pt, pb), (pl, pr) = _explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
+    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    hp, wp = h + pt + pb, w + pl + pr
+    ho = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    wo = (wp - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            tap = jax.lax.slice(
+                x,
+                (0, r0, c0, 0),
+                (n, r0 + (ho - 1) * strides[0] + 1, c0 + (wo - 1) * strides[1] + 1, out),
+                (1, strides[0], strides[1], 1),
+            )
+            term = tap.astype(acc_dtype) * rhs[i, j, 0].astype(acc_dtype)
+            y = term if y is None else y + term
+    return y.astype(lhs.dtype)
+
+
+def _data_axis_size(batch: int) -> int:
+    """Size of the active mesh's 'data' axis when it splits `batch` evenly, else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    n = mesh.shape[DATA_AXIS]
+    return n if n > 1 and batch % n == 0 else 1
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Padding,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` for NHWC inputs and HWIO kernels, with the
+    implementation picked per kind of convolution (see the comment above)."""
+    kwargs = dict(
+        lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type,
+    )
+
+    def native(x, k):
+        return jax.lax.conv_general_dilated(x, k, window_strides, padding, **kwargs)
+
+    groups = feature_group_count
+    plain = (
+        lhs.ndim == 4 and batch_group_count == 1 and preferred_element_type is None
+        and tuple(lhs_dilation or (1, 1)) == (1, 1)
+        and (dimension_numbers is None or _is_nhwc(dimension_numbers))
+    )
+    if groups == 1 or not plain:
+        return native(lhs, rhs)
+    if groups == lhs.shape[-1]:
+        impl = _depthwise_impl.get() or os.environ.get('FLAXNETS_DEPTHWISE_CONV', 'auto')
+        if impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f'FLAXNETS_DEPTHWISE_CONV must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+
+        def shifted(x, k):
+            return depthwise_conv_shifted(x, k, window_strides, padding, rhs_dilation)
+
+        if impl == 'native':
+            return native(lhs, rhs)
+        if impl == 'shifted':
+            return shifted(lhs, rhs)
+        return jax.lax.platform_dependent(lhs, rhs, cpu=shifted, default=native)
+    n = _data_axis_size(lhs.shape[0])
+    if n == 1:
+        return native(lhs, rhs)
+    spec = jax.sharding.PartitionSpec
+    return jax.shard_map(native, in_specs=(spec(DATA_AXIS), spec()), out_specs=spec(DATA_AXIS))(lhs, rhs)
+
+
+def _is_nhwc(dimension_numbers: Any) -> bool:
+    if isinstance(dimension_numbers, jax.lax.ConvDimensionNumbers):
+        return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+    return tuple(dimension_numbers) == ('NHWC', 'HWIO', 'NHWC')
+
+
 def standardize_kernel(kernel: jax.Array, eps: float) -> jax.Array:
     """Weight standardisation (Qiao et al. 2019; used by BiT, Kolesnikov et al. 2020).
 
@@ -173,6 +337,7 @@ def conv_factory(
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=jnp.float32,
+            conv_general_dilated=conv_general_dilated,
             name=name,
             **kwargs,
         )

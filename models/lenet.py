@@ -123,7 +123,7 @@ class PartialConv(nn.Module):
 
     The parameters are exactly the 60 kernels of Table I, one per output map (a masked
     dense kernel would store 96), and weight standardisation covers only the connected
-    inputs. For speed they are scattered into one dense (k, k, in, out) kernel with zeros
+    inputs. For speed they are assembled into one dense (k, k, in, out) kernel with zeros
     for the missing connections and applied as a single convolution: on CPU that is ~4x
     faster than 16 separate convolutions, and the zeros receive no gradient (they are
     constants, not parameters).
@@ -148,16 +148,21 @@ class PartialConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k, c_in, c_out = self.kernel_size, x.shape[-1], len(self.table)
-        dense = jnp.zeros((k, k, c_in, c_out), jnp.float32)
-        biases = []
+        k, c_in = self.kernel_size, x.shape[-1]
+        zero = jnp.zeros((k, k), jnp.float32)
+        columns, biases = [], []
         for j, inputs in enumerate(self.table):
             kernel, bias = _MapKernel((k, k, len(inputs), 1), self.use_bias, self.kernel_init, name=f'map{j}')()
             if self.weight_std:
                 kernel = layers.standardize_kernel(kernel, self.eps)
-            dense = dense.at[:, :, list(inputs), j].set(kernel[..., 0])
+            # Stacked slices rather than a scatter (`.at[].set`): converters fold them into
+            # a constant kernel (TFLite keeps a scatter as STABLEHLO_SCATTER, which tf2onnx
+            # cannot read; tools/export.py).
+            where = {c: n for n, c in enumerate(inputs)}
+            columns.append(jnp.stack([kernel[:, :, where[i], 0] if i in where else zero for i in range(c_in)], -1))
             biases.append(bias)
-        y = jax.lax.conv_general_dilated(
+        dense = jnp.stack(columns, -1)
+        y = layers.conv_general_dilated(
             x.astype(self.dtype), dense.astype(self.dtype), (1, 1), 'VALID',
             dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         )

@@ -132,7 +132,7 @@ class ScaledStdConv(nn.Module):
         mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
         var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
         w = (kernel - mean) * jax.lax.rsqrt(var + self.eps) * (gain / math.sqrt(fan_in))
-        y = jax.lax.conv_general_dilated(
+        y = layers.conv_general_dilated(
             x.astype(self.dtype),
             w.astype(self.dtype),
             window_strides=(self.strides, self.strides),

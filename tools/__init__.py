@@ -1,1 +1,1 @@
-"""Command-line tools: model table, benchmarks, weight conversion."""
+"""Command-line tools: model table, benchmarks, weight conversion, evaluation and prediction."""

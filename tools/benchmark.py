@@ -15,6 +15,21 @@ ahead-of-time `lower().compile()` wall time. Memory: the device's peak where the
 reports it (GPU/TPU), and XLA's compiled footprint of the train step (arguments, outputs
 and temporaries) everywhere. `--freeze REGEX` (repeatable, `config.finetune.freeze`
 syntax) times the step a fine-tune with those layers frozen runs.
+
+With `--compare-timm` the two frameworks are timed interleaved (A, B, A, B, ...:
+`--repeats` rounds of `--steps` calls each, medians over the rounds) so a change in the
+machine's load hits both alike; run it on an otherwise idle machine all the same (torch's
+OpenMP threads suffer far more from a busy core than XLA's). `time_to_first_step_s` is the
+wall time from building the state to the first finished train step (init and step
+compilation included); run the command twice to see it with JAX's persistent compilation
+cache warm (`--compilation-cache-dir`, '' to turn it off).
+
+    python tools/benchmark.py --model tf_efficientnet_l2 --resolution 800 --batch-size 64 \
+        --devices 64 --shard-params
+
+`--devices N` only compiles: the train step for N devices (N fake CPU devices where
+there is no such accelerator) from abstract shapes, and reports XLA's per-device memory
+(arguments, outputs, temporaries) without running or allocating anything.
 """
 
 from __future__ import annotations
@@ -27,6 +42,22 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _requested_devices(argv: list[str]) -> int:
+    for i, a in enumerate(argv):
+        if a.startswith('--devices='):
+            return int(a.split('=', 1)[1])
+        if a == '--devices' and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return 0
+
+
+if __name__ == '__main__' and _requested_devices(sys.argv[1:]) > 1:
+    # Fake host devices for a memory report on a machine without N accelerators; the flag
+    # only concerns the CPU platform, so it is harmless where the accelerators exist.
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count='
+                               + str(_requested_devices(sys.argv[1:]))).strip()
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -45,19 +76,28 @@ def _bench_config(args) -> ml_collections.ConfigDict:
     ))
 
 
-def _time_calls(fn, n: int, warmup: int) -> tuple[float, list[float]]:
-    """Returns (first call seconds, steady-state per-call seconds) of a compiled call."""
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
+def _timed(fn, n: int) -> float:
+    """Median seconds per call of `n` calls of `fn` (which waits for its own result)."""
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        jax.block_until_ready(fn())
+        fn()
         times.append(time.perf_counter() - t)
-    return first, times
+    return statistics.median(times)
+
+
+def interleaved(runners: dict[str, callable], *, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each runner, timed in alternation: `repeats` rounds in
+    which every runner makes `steps` calls, after `warmup` untimed calls each. Returns
+    the median over rounds of each round's median."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    rounds: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(repeats):
+        for k, fn in runners.items():
+            rounds[k].append(_timed(fn, steps))
+    return {k: statistics.median(v) for k, v in rounds.items()}
 
 
 def _peak_memory(compiled) -> dict:
@@ -75,7 +115,8 @@ def _peak_memory(compiled) -> dict:
     return out
 
 
-def bench_jax(args) -> dict:
+def setup_jax(args) -> tuple[dict, dict]:
+    """Builds and compiles our train step and inference; returns (facts, runners)."""
     cfg = models.get_model_cfg(args.model)
     channels = cfg.input_size[2]
     config = _bench_config(args)
@@ -85,9 +126,12 @@ def bench_jax(args) -> dict:
     freeze = finetune.compile_patterns(args.freeze, 'freeze')
     tx = finetune.freeze_optimizer(optim.create_optimizer(config, schedule), freeze)
     shape = (args.batch_size, args.resolution, args.resolution, channels)
+    start = time.perf_counter()
     state, shardings = core.create_train_state(
         model, tx, rng=jax.random.key(0), input_shape=(1, *shape[1:]), use_ema=False, mesh=mesh
     )
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - start
     rng = np.random.default_rng(0)
     batch = core.to_global({
         'image': rng.standard_normal(shape).astype(np.float32),
@@ -102,27 +146,38 @@ def bench_jax(args) -> dict:
 
     def train_once():
         holder['state'], metrics = compiled_step(holder['state'], batch)
-        return metrics['loss']
+        jax.block_until_ready(metrics['loss'])
 
-    _, train_times = _time_calls(train_once, args.steps, args.warmup)
+    train_once()
+    first_step = time.perf_counter() - start
 
     st = holder['state']
-    infer = jax.jit(lambda p, s, x: model.apply(core.model_variables(p, s), x, train=False))
+    infer = core.mesh_jit(lambda p, s, x: model.apply(core.model_variables(p, s), x, train=False), mesh)
     t = time.perf_counter()
     compiled_infer = infer.lower(st.params, st.batch_stats, batch['image']).compile()
     infer_compile = time.perf_counter() - t
-    _, infer_times = _time_calls(
-        lambda: compiled_infer(st.params, st.batch_stats, batch['image']), args.steps, args.warmup)
-    train_s, infer_s = statistics.median(train_times), statistics.median(infer_times)
-    return {
+
+    def infer_once():
+        jax.block_until_ready(compiled_infer(holder['state'].params, holder['state'].batch_stats,
+                                             batch['image']))
+
+    facts = {
         'backend': jax.default_backend(),
         'devices': jax.device_count(),
-        'train_images_per_sec': args.batch_size / train_s,
-        'infer_images_per_sec': args.batch_size / infer_s,
+        'init_s': init_s,
         'train_compile_s': train_compile,
         'infer_compile_s': infer_compile,
+        'time_to_first_step_s': first_step,
         **_peak_memory(compiled_step),
     }
+    return facts, {'train': train_once, 'infer': infer_once}
+
+
+def bench_jax(args) -> dict:
+    facts, runners = setup_jax(args)
+    times = interleaved(runners, steps=args.steps, warmup=args.warmup, repeats=1)
+    return {**facts, 'train_images_per_sec': args.batch_size / times['train'],
+            'infer_images_per_sec': args.batch_size / times['infer']}
 
 
 def _reference_model(name: str):
@@ -139,7 +194,8 @@ def _reference_model(name: str):
     return torchvision.models.get_model(name, weights=None), f'torchvision {torchvision.__version__}'
 
 
-def bench_torch(args) -> dict:
+def setup_torch(args) -> tuple[dict, dict]:
+    """The timm (else torchvision) reference's train step and inference; (facts, runners)."""
     import torch
 
     cfg = models.get_model_cfg(args.model)
@@ -175,22 +231,48 @@ def bench_torch(args) -> dict:
             ref(x)
         sync()
 
-    def timed(fn):
-        for _ in range(args.warmup + 1):
-            fn()
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+    train_once()  # first calls allocate; not timed
+    infer_once()
+    return ({'reference': source, 'torch_threads': torch.get_num_threads()},
+            {'train': train_once, 'infer': infer_once})
 
-    return {
-        'reference': source,
-        'torch_threads': torch.get_num_threads(),
-        'train_images_per_sec': args.batch_size / timed(train_once),
-        'infer_images_per_sec': args.batch_size / timed(infer_once),
+
+def memory_report(args) -> dict:
+    """Compiles (never runs) the train step for `args.devices` devices from abstract
+    shapes and reports XLA's per-device memory."""
+    from tools import scale_check
+
+    if jax.device_count() < args.devices:
+        raise SystemExit(f'error: --devices {args.devices}: only {jax.device_count()} devices here.')
+    t = time.perf_counter()
+    step, state, batch = scale_check.abstract_step(
+        args.model, devices=args.devices, batch=args.batch_size, resolution=args.resolution,
+        shard_params=args.shard_params, dtype=args.dtype, num_classes=models.get_model_cfg(args.model).num_classes,
+)
+    compiled = step.lower(state, batch).compile()
+    ma = compiled.memory_analysis()
+    gib = 2.0**30
+    result = {
+        'model': args.model, 'resolution': args.resolution, 'global_batch': args.batch_size,
+        'per_device_batch': args.batch_size // args.devices, 'devices': args.devices,
+        'shard_params': args.shard_params, 'dtype': args.dtype,
+        'backend': jax.default_backend(),
+        'arguments_gib': ma.argument_size_in_bytes / gib,
+        'temporaries_gib': ma.temp_size_in_bytes / gib,
+        'outputs_gib': ma.output_size_in_bytes / gib,
+        'per_device_gib': (ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+                           - ma.alias_size_in_bytes) / gib,
+        'compile_s': time.perf_counter() - t,
     }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} @ {args.resolution}px, batch {args.batch_size} on {args.devices} "
+              f"{result['backend']} devices ({result['per_device_batch']}/device), {args.dtype}, "
+              f"shard_params={args.shard_params}: per-device "
+              f"{result['per_device_gib']:.2f} GiB (state {result['arguments_gib']:.2f}, temporaries "
+              f"{result['temporaries_gib']:.2f}; compiled, not run, in {result['compile_s']:.0f} s)")
+    return result
 
 
 def main(argv=None) -> dict:
@@ -201,17 +283,40 @@ def main(argv=None) -> dict:
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
     parser.add_argument('--steps', type=int, default=10)
     parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5,
+                        help='with --compare-timm: interleaved rounds (median over them)')
     parser.add_argument('--compare-timm', action='store_true')
+    parser.add_argument('--compilation-cache-dir', default=None,
+                        help="JAX's persistent compilation cache ('' turns it off; default: "
+                             "train.py's per-user cache)")
+    parser.add_argument('--devices', type=int, default=0,
+                        help='only compile for this many devices and report per-device memory')
+    parser.add_argument('--shard-params', action='store_true', help='with --devices: FSDP state')
+
     parser.add_argument('--freeze', action='append', default=[], metavar='REGEX',
                         help='freeze matching variables (params/<path>, batch_stats/<path>)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
     args = parser.parse_args(argv)
     if not args.resolution:
         args.resolution = models.get_model_cfg(args.model).input_size[0]
+    cache = core.enable_compilation_cache(args.compilation_cache_dir)
+    if args.devices:
+        return memory_report(args)
     result = {'model': args.model, 'batch_size': args.batch_size, 'resolution': args.resolution,
-              'dtype': args.dtype, 'freeze': args.freeze, 'flaxnets': bench_jax(args)}
-    if args.compare_timm:
-        result['reference'] = bench_torch(args)
+              'dtype': args.dtype, 'freeze': args.freeze, 'compilation_cache': cache}
+    if not args.compare_timm:
+        result['flaxnets'] = bench_jax(args)
+    else:
+        ours, our_runners = setup_jax(args)
+        ref, ref_runners = setup_torch(args)
+        runners = {'jax_train': our_runners['train'], 'torch_train': ref_runners['train'],
+                   'jax_infer': our_runners['infer'], 'torch_infer': ref_runners['infer']}
+        times = interleaved(runners, steps=args.steps, warmup=args.warmup, repeats=args.repeats)
+        result['flaxnets'] = {**ours, 'train_images_per_sec': args.batch_size / times['jax_train'],
+                              'infer_images_per_sec': args.batch_size / times['jax_infer']}
+        result['reference'] = {**ref, 'train_images_per_sec': args.batch_size / times['torch_train'],
+                               'infer_images_per_sec': args.batch_size / times['torch_infer']}
+        result['repeats'] = args.repeats
         for k in ('train_images_per_sec', 'infer_images_per_sec'):
             result[f'ratio_{k}'] = result['flaxnets'][k] / result['reference'][k]
     if args.json:
@@ -222,14 +327,16 @@ def main(argv=None) -> dict:
               f"{f['backend']} x{f['devices']}" + (f", frozen {args.freeze}" if args.freeze else ''))
         print(f"  flaxnets  train {f['train_images_per_sec']:.1f} img/s | infer "
               f"{f['infer_images_per_sec']:.1f} img/s | compile train {f['train_compile_s']:.1f}s "
-              f"infer {f['infer_compile_s']:.1f}s | " + ' '.join(
+              f"infer {f['infer_compile_s']:.1f}s | first step after {f['time_to_first_step_s']:.1f}s | "
+              + ' '.join(
                   f'{k} {v:.0f}' for k, v in f.items() if k.endswith('_mb')))
         if args.compare_timm:
             r = result['reference']
             print(f"  {r['reference']}  train {r['train_images_per_sec']:.1f} img/s | infer "
                   f"{r['infer_images_per_sec']:.1f} img/s ({r['torch_threads']} threads)")
-            print(f"  ratio (flaxnets / reference): train {result['ratio_train_images_per_sec']:.2f}x, "
-                  f"infer {result['ratio_infer_images_per_sec']:.2f}x")
+            print(f"  ratio (flaxnets / reference, interleaved, median of {args.repeats}): train "
+                  f"{result['ratio_train_images_per_sec']:.2f}x, infer "
+                  f"{result['ratio_infer_images_per_sec']:.2f}x")
     return result
 
 

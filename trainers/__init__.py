@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 
+from flaxnets_errors import ConfigError
+
 # name -> module; later trainers ('noisy_student', 'mpl') register here.
 TRAINERS = {
     'supervised': 'trainers.supervised',
@@ -18,7 +20,7 @@ def get_trainer(name: str):
     if name not in TRAINERS:
         close = difflib.get_close_matches(name, TRAINERS, n=1)
         hint = f' Did you mean {close[0]!r}?' if close else ''
-        raise ValueError(
+        raise ConfigError(
             f'Unknown config.trainer {name!r}.{hint} Known trainers: {sorted(TRAINERS)}.'
         )
     return importlib.import_module(TRAINERS[name])

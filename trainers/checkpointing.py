@@ -18,13 +18,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from flaxnets_errors import InputNotFoundError, UserError
+
 # Meta keys whose mismatch means "this workdir belongs to another model": refused.
 STRUCTURAL_KEYS = ('model', 'param_fingerprint')
 # Meta keys whose change breaks exact data replay: allowed, but warned about.
 REPLAY_KEYS = ('dataset', 'seed', 'batch_size')
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """The workdir holds a checkpoint that does not belong to this run."""
 
 
@@ -157,9 +159,9 @@ def load_state_arrays(directory: str, step: int | None = None) -> tuple[int, dic
         if step is None:
             step = manager.latest_step()
         if step is None:
-            raise FileNotFoundError(f'No checkpoint in {directory}.')
+            raise InputNotFoundError(f'No checkpoint in {directory}.')
         if step not in manager.all_steps():
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f'No checkpoint for step {step} in {directory} (steps there: {manager.all_steps()}).'
             )
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,8 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from flaxnets_errors import ConfigError
+from trainers.progress import LogCompilation, Progress
 
 DATA_AXIS = 'data'
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -32,7 +37,7 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.floa
 def compute_dtype(config: ml_collections.ConfigDict):
     name = config.get('compute_dtype', 'float32')
     if name not in _DTYPES:
-        raise ValueError(
+        raise ConfigError(
             f'config.compute_dtype={name!r} is not supported; use one of {sorted(_DTYPES)}.'
         )
     return _DTYPES[name]
@@ -67,6 +72,67 @@ def create_mesh(devices=None) -> Mesh:
     return Mesh(devices, (DATA_AXIS,))
 
 
+DEFAULT_COMPILATION_CACHE = os.path.join('~', '.cache', 'flaxnets', 'jax')
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `directory` (None: the per-user
+    default, `$FLAXNETS_COMPILATION_CACHE` or ~/.cache/flaxnets/jax; '': off).
+
+    A program compiled once on a machine (same JAX, XLA flags and shapes) is read back on
+    the next run instead of recompiled: the init and train-step compilations that dominate
+    a CPU run's start-up. Programs that compile in under a second are not stored. Returns
+    the directory in use, or None when off.
+    """
+    if directory is None:
+        directory = os.environ.get('FLAXNETS_COMPILATION_CACHE', DEFAULT_COMPILATION_CACHE)
+    if not directory:
+        return None
+    directory = os.path.abspath(os.path.expanduser(directory))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        logging.warning('Compilation cache off: cannot create %s (%s).', directory, e)
+        return None
+    jax.config.update('jax_compilation_cache_dir', directory)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    return directory
+
+
+def _multiple(n_dev: int, n_proc: int) -> int:
+    return int(np.lcm(n_dev, n_proc))
+
+
+def check_batch_size(name: str, batch: int, n_dev: int | None = None, n_proc: int | None = None) -> None:
+    """Refuses a global train batch the devices and processes cannot split evenly, naming
+    the nearest sizes that they can (every device gets an equal slice)."""
+    n_dev = jax.device_count() if n_dev is None else n_dev
+    n_proc = jax.process_count() if n_proc is None else n_proc
+    m = _multiple(n_dev, n_proc)
+    if batch <= 0:
+        raise ConfigError(f'{name}={batch} must be a positive multiple of {m}.')
+    if batch % m:
+        lower, upper = (batch // m) * m, (batch // m + 1) * m
+        nearby = ' or '.join(str(b) for b in (lower, upper) if b > 0)
+        raise ConfigError(
+            f'{name}={batch} must be divisible by the number of devices ({n_dev}) and processes '
+            f'({n_proc}): use {nearby} (a multiple of {m}).'
+        )
+
+
+def eval_batch_size(batch: int, n_dev: int | None = None, n_proc: int | None = None) -> int:
+    """The evaluation batch actually used: `batch` rounded up to a multiple of the device
+    (and process) count. The padded rows are masked out of every metric, so any
+    configured size evaluates on any number of devices."""
+    n_dev = jax.device_count() if n_dev is None else n_dev
+    n_proc = jax.process_count() if n_proc is None else n_proc
+    if batch <= 0:
+        raise ConfigError(f'eval_batch_size={batch} must be positive.')
+    m = _multiple(n_dev, n_proc)
+    return -(-batch // m) * m
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
@@ -98,6 +164,47 @@ def state_shardings(mesh: Mesh, abstract_state: Any, shard_params: bool, min_siz
         return replicated(mesh)
 
     return jax.tree.map(spec, abstract_state)
+
+
+class MeshJit:
+    """`jax.jit(fun, **kwargs)` whose every trace (call, `lower`, `trace`) happens under
+    `jax.set_mesh(mesh)`.
+
+    Model code sees the mesh while it is traced: `models.layers.conv_general_dilated`
+    keeps grouped convolutions local to each device's slice of the batch that way (XLA's
+    partitioner would gather the whole batch for them). Every other attribute is the
+    jitted function's.
+    """
+
+    def __init__(self, fun: Callable, mesh: Mesh, **jit_kwargs):
+        self._jitted = jax.jit(fun, **jit_kwargs)
+        self.mesh = mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self._jitted.lower(*args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self._jitted.trace(*args, **kwargs)
+
+    @property
+    def jitted(self):
+        """The plain `jax.jit` function (for `jax.export`; trace it under `self.mesh`)."""
+        return self._jitted
+
+    def __getattr__(self, name: str):
+        return getattr(self._jitted, name)
+
+
+def mesh_jit(fun: Callable, mesh: Mesh, **jit_kwargs) -> MeshJit:
+    """`jax.jit` traced under the run's mesh (see :class:`MeshJit`); use it for every
+    function that applies a model."""
+    return MeshJit(fun, mesh, **jit_kwargs)
 
 
 # ----------------------------------------------------------------------------- state
@@ -137,9 +244,10 @@ def create_train_state(
             ema_batch_stats=jax.tree.map(jnp.copy, batch_stats) if use_ema else {},
         )
 
-    abstract = jax.eval_shape(init)
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(init)
     shardings = state_shardings(mesh, abstract, shard_params)
-    state = jax.jit(init, out_shardings=shardings)()
+    state = mesh_jit(init, mesh, out_shardings=shardings)()
     return state, shardings
 
 
@@ -235,8 +343,9 @@ def make_train_step(
                 params = jax.tree.map(
                     lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
                 )
-            with (flax.linen.intercept_methods(eval_mode_frozen_norms) if frozen_norms
-                  else contextlib.nullcontext()):
+            with contextlib.ExitStack() as stack:
+                if frozen_norms:
+                    stack.enter_context(flax.linen.intercept_methods(eval_mode_frozen_norms))
                 out, mutated = model.apply(
                     model_variables(params, state.batch_stats),
                     batch['image'],
@@ -277,13 +386,15 @@ def make_train_step(
 
 
 def jit_train_step(step_fn, state_sharding, mesh: Mesh):
-    """jit with explicit shardings and the state donated (updated in place)."""
-    return jax.jit(
+    """jit with explicit shardings and the state donated (updated in place); the first
+    call logs its compilation time."""
+    return LogCompilation(mesh_jit(
         step_fn,
+        mesh,
         in_shardings=(state_sharding, batch_sharding(mesh)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,),
-    )
+    ), 'train step')
 
 
 def make_eval_step(model: flax.linen.Module, mesh: Mesh):
@@ -304,15 +415,21 @@ def make_eval_step(model: flax.linen.Module, mesh: Mesh):
             'count': jnp.sum(mask),
         }
 
-    return jax.jit(eval_fn, in_shardings=(None, None, batch_sharding(mesh)), out_shardings=replicated(mesh))
+    return mesh_jit(eval_fn, mesh, in_shardings=(None, None, batch_sharding(mesh)),
+                    out_shardings=replicated(mesh))
 
 
-def evaluate(eval_step, params, batch_stats, batches: Iterator[dict]) -> dict[str, float]:
-    """One pass: sums stay on device until the pass ends (one host transfer)."""
+def evaluate(eval_step, params, batch_stats, batches: Iterator[dict], *,
+             num_batches: int | None = None, desc: str = 'Evaluation') -> dict[str, float]:
+    """One pass: sums stay on device until the pass ends (one host transfer). A pass
+    longer than a few seconds logs its progress (ETA from `num_batches`, when given)."""
     totals = None
+    progress = Progress(desc, num_batches, 'batches')
     for batch in batches:
         sums = eval_step(params, batch_stats, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        progress.update(1, wait=totals)
+    progress.close()
     if totals is None:
         raise ValueError('The evaluation split yielded no batches.')
     totals = jax.device_get(totals)

@@ -56,6 +56,7 @@ from flax import traverse_util
 from ml_collections.config_dict import placeholder
 
 import models
+from flaxnets_errors import ConfigError, InputNotFoundError, UserError
 from models import convert
 from trainers.checkpointing import load_checkpoint_meta, load_state_arrays
 
@@ -66,11 +67,11 @@ HEAD_INITS = ('zeros', 'default')
 REINIT_HEAD = ('auto', 'always', 'never')
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(UserError, ValueError):
     """A weights file is missing, truncated, malformed or of an unsupported format."""
 
 
-class PretrainedMismatchError(ValueError):
+class PretrainedMismatchError(UserError, ValueError):
     """The pretrained variables do not fit the model; the message lists every name."""
 
 
@@ -257,7 +258,7 @@ def _checkpoint_location(path: str, step: int | None) -> tuple[str, int | None]:
     base = os.path.basename(os.path.normpath(path))
     if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
         if step is not None and step != int(base):
-            raise ValueError(
+            raise ConfigError(
                 f'init_from {path!r} is step {base} but config.init_from_step={step}; '
                 f'give one of the two.'
             )
@@ -281,7 +282,7 @@ def load_pretrained(
             model_name, state, f'{os.path.abspath(source)} (sha256 {file_sha256(source)[:16]})'
         )
     if not os.path.isdir(source):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f'config.init_from={source!r} is neither a weights file '
             f'({", ".join(WEIGHT_SUFFIXES)}) nor a directory. Give a flaxnets workdir, its '
             f'checkpoints/ folder or a step folder, or a reference weights file.'
@@ -290,7 +291,7 @@ def load_pretrained(
     try:
         step, state = load_state_arrays(directory, step)
     except FileNotFoundError as e:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f'config.init_from={source!r}: no orbax checkpoint found there ({e}). Point it '
             f'at a workdir that has finished at least one checkpoint, or convert reference '
             f'weights with tools/convert_weights.py.'
@@ -299,7 +300,7 @@ def load_pretrained(
     params, stats = state['params'], state.get('batch_stats', {})
     if use_ema:
         if not state.get('ema_params'):
-            raise ValueError(
+            raise ConfigError(
                 f'config.finetune.use_ema is True but the checkpoint {directory} step {step} '
                 f'has no EMA weights (it was trained with ema_decay=0).'
             )
@@ -339,7 +340,7 @@ def compile_patterns(patterns: Sequence[str], field: str) -> list[re.Pattern[str
         try:
             out.append(re.compile(p))
         except re.error as e:
-            raise ValueError(f'config.finetune.{field}: bad regex {p!r} ({e}).') from e
+            raise ConfigError(f'config.finetune.{field}: bad regex {p!r} ({e}).') from e
     return out
 
 
@@ -414,7 +415,7 @@ def plan_transfer(
 ) -> TransferPlan:
     """Sorts every model variable into loaded / re-initialised head / skipped / problems."""
     if reinit_head not in REINIT_HEAD:
-        raise ValueError(f'config.finetune.reinit_head must be one of {REINIT_HEAD}, got {reinit_head!r}.')
+        raise ConfigError(f'config.finetune.reinit_head must be one of {REINIT_HEAD}, got {reinit_head!r}.')
     plan = TransferPlan([], [], [], [], [], [])
     for key, shape in target.items():
         have = source.arrays.get(key)
@@ -453,7 +454,7 @@ def initialize_from_pretrained(state: Any, config: ml_collections.ConfigDict, nu
     """
     ft = config.get('finetune') or default_finetune_config()
     if config.get('init_from') and config.get('init_from_hub'):
-        raise ValueError('Set config.init_from or config.init_from_hub, not both.')
+        raise ConfigError('Set config.init_from or config.init_from_hub, not both.')
     overrides = {k: v for k, v in dict(config.get('model_kwargs', {})).items() if v is not None}
     if config.get('init_from_hub'):
         source = load_from_hub(config.init_from_hub, config.model)
@@ -463,7 +464,7 @@ def initialize_from_pretrained(state: Any, config: ml_collections.ConfigDict, nu
             step=config.get('init_from_step'), use_ema=ft.get('use_ema', False),
         )
     if ft.get('head_init', 'zeros') not in HEAD_INITS:
-        raise ValueError(f'config.finetune.head_init must be one of {HEAD_INITS}, got {ft.head_init!r}.')
+        raise ConfigError(f'config.finetune.head_init must be one of {HEAD_INITS}, got {ft.head_init!r}.')
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     flat = traverse_util.flatten_dict(variables)
     plan = plan_transfer(

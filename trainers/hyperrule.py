@@ -33,6 +33,7 @@ import ml_collections
 from absl import logging
 
 import input_pipeline
+from flaxnets_errors import ConfigError
 
 RULES = ('bit',)
 SMALL_IMAGE_AREA = 96 * 96
@@ -79,7 +80,7 @@ def training_examples(config: ml_collections.ConfigDict, info) -> int:
     """Examples the run trains on: the split's size, or the labeled subset's."""
     size = info.split_sizes.get(config.train_split)
     if not size:
-        raise ValueError(
+        raise ConfigError(
             f'The HyperRule needs the size of {config.dataset!r} split {config.train_split!r}, '
             f'which the dataset metadata does not give (known: {info.split_sizes}). Set '
             f"config.hyperrule='' and choose num_train_steps, schedule and image_size yourself."
@@ -93,7 +94,7 @@ def training_examples(config: ml_collections.ConfigDict, info) -> int:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy of `config` with the fields of `config.hyperrule` filled in."""
     if config.hyperrule not in RULES:
-        raise ValueError(f'config.hyperrule must be one of {RULES} or empty, got {config.hyperrule!r}.')
+        raise ConfigError(f'config.hyperrule must be one of {RULES} or empty, got {config.hyperrule!r}.')
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
     n = training_examples(config, info)
     rule = bit_hyperrule(n, info.image_shape[:2])

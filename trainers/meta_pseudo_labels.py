@@ -89,9 +89,11 @@ from absl import logging
 
 import input_pipeline
 import models
+from flaxnets_errors import ConfigError
 from trainers import core, optim, supervised
 from trainers.checkpointing import Checkpointer, tree_fingerprint
-from trainers.metrics_io import MetricsLogger
+from trainers.metrics_io import MetricsLogger, write_run_files
+from trainers.progress import LogCompilation
 
 # Fine-tuning from pretrained weights is a supervised-trainer mode only.
 CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset({
@@ -202,7 +204,7 @@ def pseudo_label_targets(kind: str, teacher_logits_u: jax.Array, rng: jax.Array)
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes)
     if kind == 'soft':
         return jax.nn.softmax(logits)
-    raise ValueError(f'config.mpl.pseudo_label={kind!r}; use one of {PSEUDO_LABELS}.')
+    raise ConfigError(f'config.mpl.pseudo_label={kind!r}; use one of {PSEUDO_LABELS}.')
 
 
 def _smooth(targets: jax.Array, label_smoothing: float) -> jax.Array:
@@ -353,27 +355,26 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     supervised.validate_config(config, CONFIG_KEYS)
     for name, known in (('mpl', MPL_KEYS), ('uda', UDA_KEYS)):
         if name not in config:
-            raise ValueError(f'The MPL config needs a `config.{name}` section.')
+            raise ConfigError(f'The MPL config needs a `config.{name}` section.')
         unknown = sorted(set(config[name].keys()) - known)
         missing = sorted(known - set(config[name].keys()))
         if unknown or missing:
-            raise ValueError(
+            raise ConfigError(
                 f'config.{name}: unknown keys {unknown}, missing keys {missing}; '
                 f'expected exactly {sorted(known)}.'
             )
     if config.mpl.pseudo_label not in PSEUDO_LABELS:
-        raise ValueError(f'config.mpl.pseudo_label={config.mpl.pseudo_label!r}; use one of {PSEUDO_LABELS}.')
+        raise ConfigError(f'config.mpl.pseudo_label={config.mpl.pseudo_label!r}; use one of {PSEUDO_LABELS}.')
     if config.mpl.reward not in REWARDS:
-        raise ValueError(f'config.mpl.reward={config.mpl.reward!r}; use one of {REWARDS}.')
+        raise ConfigError(f'config.mpl.reward={config.mpl.reward!r}; use one of {REWARDS}.')
     if config.mpl.pseudo_label == 'soft' and config.mpl.reward != 'dot_product':
-        raise ValueError("config.mpl.pseudo_label='soft' needs config.mpl.reward='dot_product'.")
+        raise ConfigError("config.mpl.pseudo_label='soft' needs config.mpl.reward='dot_product'.")
     if config.data.get('mixup_alpha', 0.0) or config.data.get('cutmix_alpha', 0.0):
-        raise ValueError('MPL does not use mixup / CutMix: set config.data.mixup_alpha and cutmix_alpha to 0.')
+        raise ConfigError('MPL does not use mixup / CutMix: set config.data.mixup_alpha and cutmix_alpha to 0.')
     n = jax.device_count()
     b_u = unlabeled_batch_size(config)
     for key, b in (('batch_size', config.batch_size), ('unlabeled_ratio * batch_size', b_u)):
-        if b % n or b % jax.process_count():
-            raise ValueError(f'{key}={b} must be divisible by the number of devices ({n}) and processes.')
+        core.check_batch_size(key, b, n)
 
 
 def unlabeled_batch_size(config: ml_collections.ConfigDict) -> int:
@@ -546,7 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     s_cfg = models.get_model_cfg(config.model)
     t_cfg = models.get_model_cfg(config.teacher_model)
     if s_cfg.input_size[2] != t_cfg.input_size[2]:
-        raise ValueError(f'Teacher {config.teacher_model} and student {config.model} take different '
+        raise ConfigError(f'Teacher {config.teacher_model} and student {config.model} take different '
                          f'numbers of channels; they must read the same images.')
     dtype = core.compute_dtype(config)
     student_model = models.create_model(
@@ -560,10 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sharding = core.batch_sharding(mesh)
     pi, pc = jax.process_index(), jax.process_count()
     total = config.num_train_steps
-    if pi == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_run_files(workdir, config, info.class_names)
 
     s_schedule = student_schedule(config)
     s_tx = optim.create_optimizer(config, s_schedule)
@@ -600,7 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     pipe_kw = dict(image_size=image_size, channels=channels, mean=s_cfg.mean, std=s_cfg.std,
                    process_index=pi, process_count=pc)
-    eval_batch = config.get('eval_batch_size') or config.batch_size
+    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
     make_eval_iter, _ = input_pipeline.create_eval_iterator(
         config.data, dataset=config.dataset, split=config.eval_split, global_batch_size=eval_batch,
         **pipe_kw)
@@ -630,12 +628,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mpl_results: dict = {}
     try:
         if start_step < total:
-            step_fn = jax.jit(
+            step_fn = LogCompilation(core.mesh_jit(
                 make_mpl_step(teacher_model, student_model, t_tx, s_tx, t_schedule, s_schedule, config),
+                mesh,
                 in_shardings=(state_sharding, sharding),
                 out_shardings=(state_sharding, core.replicated(mesh)),
                 donate_argnums=(0,),
-            )
+            ), 'MPL teacher-student step')
             batches = core.prefetch_to_device(
                 train_batches(config, labeled, unlabeled, start_step, pipe_kw), sharding,
                 size=config.get('prefetch_to_device', 2))

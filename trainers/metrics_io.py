@@ -27,6 +27,23 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def write_run_files(workdir: str, config, class_names) -> None:
+    """Writes the run's `config.json` and `labels.json` into `workdir` (process 0 only).
+
+    `labels.json` is the list of class names in label order (tfds metadata names or the
+    class folders of a `folder:` dataset), so `tools/predict.py` can name the classes of
+    any run without the dataset at hand. Omitted when the dataset has no names.
+    """
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if class_names:
+        with open(os.path.join(workdir, 'labels.json'), 'w') as f:
+            json.dump(list(class_names), f, indent=1)
+
+
 class MetricsLogger:
     """Writes metric records for one run.
 

@@ -44,8 +44,11 @@ from jax.experimental import multihost_utils
 
 import input_pipeline
 import models
+from flaxnets_errors import ConfigError
 from trainers import core, finetune, supervised
 from trainers.checkpointing import load_state_arrays
+from trainers.metrics_io import write_run_files
+from trainers.progress import Progress
 
 # Fine-tuning from pretrained weights is a supervised-trainer mode only.
 CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset(
@@ -142,8 +145,8 @@ def infer_logits(
     """
     mesh = core.create_mesh()
     sharding = core.batch_sharding(mesh)
-    apply = jax.jit(
-        lambda v, x: model.apply(v, x, train=False),
+    apply = core.mesh_jit(
+        lambda v, x: model.apply(v, x, train=False), mesh,
         in_shardings=(None, sharding), out_shardings=core.replicated(mesh),
     )
     n = len(source)
@@ -163,12 +166,17 @@ def infer_logits(
                             'for other data.', out_dir)
     if main:
         os.makedirs(out_dir, exist_ok=True)
+
+    def finished(k: int) -> bool:
+        path, entry = os.path.join(out_dir, f'shard-{k:05d}.npz'), manifest['shards'].get(str(k))
+        return bool(entry) and os.path.exists(path) and finetune.file_sha256(path) == entry['sha256']
+
+    todo = [k for k in range(num_shards) if not finished(k)]
+    progress = Progress(f'Pseudo-labelling {dataset} {split}', sum(
+        min((k + 1) * shard_size, n) - k * shard_size for k in todo), 'images')
     done_images, t0 = 0, time.time()
-    for k in range(num_shards):
+    for k in todo:
         path = os.path.join(out_dir, f'shard-{k:05d}.npz')
-        entry = manifest['shards'].get(str(k))
-        if entry and os.path.exists(path) and finetune.file_sha256(path) == entry['sha256']:
-            continue
         lo, hi = k * shard_size, min((k + 1) * shard_size, n)
         start_pass, count = input_pipeline.create_eval_iterator(
             data_config, dataset=dataset, split=split, global_batch_size=batch_size,
@@ -176,9 +184,10 @@ def infer_logits(
             source=source.select(np.arange(lo, hi)),
         )
         outs, masks = [], []
-        for batch in core.prefetch_to_device(start_pass(), sharding):
+        for i, batch in enumerate(core.prefetch_to_device(start_pass(), sharding)):
             outs.append(apply(variables, batch['image']))
             masks.append(batch['mask'])
+            progress.update(min(batch_size, hi - lo - i * batch_size), wait=outs[-1])
         logits = np.concatenate(jax.device_get(outs))
         mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks]) > 0
         logits = logits[mask]
@@ -190,6 +199,7 @@ def infer_logits(
             manifest['shards'][str(k)] = {'sha256': finetune.file_sha256(path), 'count': hi - lo}
             _atomic_write_json(manifest_path, manifest)
         done_images += hi - lo
+    progress.close()
     if done_images:
         rate = done_images / max(time.time() - t0, 1e-9)
         logging.info('Pseudo-labelled %d images at %.1f images/s.', done_images, rate)
@@ -233,18 +243,15 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def _validate(config: ml_collections.ConfigDict) -> None:
     supervised.validate_config(config, CONFIG_KEYS)
     b_u = int(round(config.noisy_student.unlabeled_ratio * config.batch_size))
-    if b_u % jax.device_count() or config.batch_size % jax.device_count():
-        raise ValueError(
-            f'batch_size={config.batch_size} and unlabeled_ratio * batch_size={b_u} must both be '
-            f'divisible by the number of devices ({jax.device_count()}).'
-        )
+    core.check_batch_size('batch_size', config.batch_size)
+    core.check_batch_size('unlabeled_ratio * batch_size', b_u)
     for name, known in (('teacher', TEACHER_KEYS), ('noisy_student', NS_KEYS)):
         if name not in config:
-            raise ValueError(f'The Noisy Student config needs a `config.{name}` section.')
+            raise ConfigError(f'The Noisy Student config needs a `config.{name}` section.')
         unknown = sorted(set(config[name].keys()) - known)
         missing = sorted(known - set(config[name].keys()))
         if unknown or missing:
-            raise ValueError(
+            raise ConfigError(
                 f'config.{name}: unknown keys {unknown}, missing keys {missing}; '
                 f'expected exactly {sorted(known)}.'
             )
@@ -286,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _validate(config)
     ns = config.noisy_student
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
-    eval_batch = config.get('eval_batch_size') or config.batch_size
+    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
     main = jax.process_index() == 0
 
     # The unlabeled pool: a dataset split, minus the labeled examples when it is the
@@ -301,10 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     rounds: list[dict] = []
     summary_path = os.path.join(workdir, 'metrics.jsonl')
-    if main:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_run_files(workdir, config, info.class_names)
 
     # Round 0's teacher.
     if config.teacher.checkpoint:
@@ -340,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info('Round %d pseudo-labels: %d of %d confident; per class before %s, after %s.',
                      r, int(before.sum()), len(probs), before.tolist(), after.tolist())
         if not len(selected):
-            raise ValueError(
+            raise ConfigError(
                 f'No unlabeled example reached min_confidence={ns.min_confidence} in round {r}; '
                 f'lower config.noisy_student.min_confidence.'
             )

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from flaxnets_errors import ConfigError
+
 SCHEDULES = ('constant', 'cosine', 'step', 'exponential')
 OPTIMIZERS = ('sgd', 'rmsprop_tf', 'adamw', 'lars')
 
@@ -46,7 +48,7 @@ def create_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     total = config.num_train_steps
     warmup = int(sc.get('warmup_steps', 0))
     if sc.name not in SCHEDULES:
-        raise ValueError(
+        raise ConfigError(
             f'Unknown schedule {sc.name!r}: config.schedule.name must be one of {SCHEDULES}.'
         )
     if sc.name == 'constant':
@@ -63,7 +65,7 @@ def create_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
         )
     else:
         if not sc.get('decay_steps'):
-            raise ValueError('config.schedule.decay_steps must be > 0 for the exponential schedule.')
+            raise ConfigError('config.schedule.decay_steps must be > 0 for the exponential schedule.')
         main = optax.exponential_decay(
             peak,
             transition_steps=sc.decay_steps,
@@ -105,7 +107,7 @@ def create_optimizer(
     oc = config.optimizer
     name = oc.name
     if name not in OPTIMIZERS:
-        raise ValueError(
+        raise ConfigError(
             f'Unknown optimizer {name!r}: config.optimizer.name must be one of {OPTIMIZERS}.'
         )
     wd = oc.get('weight_decay', 0.0)

@@ -26,9 +26,10 @@ from absl import logging
 
 import input_pipeline
 import models
+from flaxnets_errors import ConfigError, UserError
 from trainers import core, finetune, hyperrule, optim
 from trainers.checkpointing import Checkpointer, tree_fingerprint
-from trainers.metrics_io import MetricsLogger
+from trainers.metrics_io import MetricsLogger, write_run_files
 
 # Every top-level key a supervised config may hold (later trainers extend this set).
 CONFIG_KEYS = frozenset({
@@ -37,7 +38,7 @@ CONFIG_KEYS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'optimizer', 'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing',
     'ema_decay', 'grad_clip_norm', 'compute_dtype', 'shard_params', 'prefetch_to_device',
-    'labeled_per_class',
+    'labeled_per_class', 'compilation_cache_dir',
     # Fine-tuning (trainers/finetune.py) and the BiT-HyperRule (trainers/hyperrule.py).
     'init_from', 'init_from_step', 'init_from_hub', 'finetune', 'hyperrule',
 })
@@ -48,7 +49,7 @@ REQUIRED_KEYS = ('model', 'dataset', 'batch_size', 'num_train_steps', 'seed',
                  'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps')
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a NaN or infinite loss; the run stopped without saving it."""
 
 
@@ -56,14 +57,14 @@ def validate_config(config: ml_collections.ConfigDict, known: frozenset = CONFIG
     """Fails on a missing required key or an unknown (misspelled) one, naming it."""
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
-        raise ValueError(f'The config lacks required key(s) {missing}; add them to the config file.')
+        raise ConfigError(f'The config lacks required key(s) {missing}; add them to the config file.')
     unknown = sorted(set(config.keys()) - known)
     if unknown:
         hints = []
         for k in unknown:
             close = difflib.get_close_matches(k, sorted(known), n=1)
             hints.append(f'{k!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key(s) {', '.join(hints)} for trainer "
             f"{config.get('trainer', 'supervised')!r}. Known keys: {', '.join(sorted(known))}."
         )
@@ -99,14 +100,8 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         dtype=core.compute_dtype(config),
         **model_overrides(config),
     )
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    for key in ('batch_size', 'eval_batch_size'):
-        b = config.get(key) or config.batch_size
-        if b % n_dev or b % n_proc:
-            raise ValueError(
-                f'config.{key}={b} must be divisible by the number of devices ({n_dev}) '
-                f'and processes ({n_proc}).'
-            )
+    core.check_batch_size('config.batch_size', config.batch_size)
+    core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
     schedule = optim.create_schedule(config)
     freeze = finetune.compile_patterns(config.get('finetune', {}).get('freeze', ()), 'freeze')
     return Setup(
@@ -180,10 +175,7 @@ def train_and_evaluate(
     mesh, model = setup.mesh, setup.model
     total = config.num_train_steps
     pi, pc = jax.process_index(), jax.process_count()
-    if pi == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    write_run_files(workdir, config, setup.info.class_names)
 
     use_ema = bool(config.get('ema_decay', 0.0))
     state, state_sharding = core.create_train_state(
@@ -238,7 +230,7 @@ def train_and_evaluate(
         state_sharding, mesh,
     )
     eval_step = core.make_eval_step(model, mesh)
-    eval_batch = config.get('eval_batch_size') or config.batch_size
+    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
     pipe_kw = dict(
         image_size=setup.image_size,
         channels=setup.channels,
@@ -261,7 +253,8 @@ def train_and_evaluate(
             variants.append((f'{config.eval_split}_ema', state.ema_params, state.ema_batch_stats))
         for split, params, stats in variants:
             batches = core.prefetch_to_device(make_eval_iter(), sharding)
-            out[split] = core.evaluate(eval_step, params, stats, batches)
+            out[split] = core.evaluate(eval_step, params, stats, batches, desc=f'Evaluation ({split})',
+                                       num_batches=-(-num_eval // eval_batch))
             logger.write_eval(step, split, out[split])
         return out
 
