@@ -178,11 +178,11 @@ import json, jax
 from tools import scale_check
 out = {}
 for name, res, shard in %s:
-    step, state, batch = scale_check.abstract_step(name, devices=8, batch=16, resolution=res,
+    step, state, batch = scale_check.abstract_step(name, devices=8, batch=64, resolution=res,
                                                    shard_params=shard)
     compiled = step.lower(state, batch).compile()
-    moves = scale_check.batch_collectives(compiled.as_text(), 16)
-    one = scale_check.abstract_step(name, devices=1, batch=16, resolution=res)
+    moves = scale_check.batch_collectives(compiled.as_text(), 64)
+    one = scale_check.abstract_step(name, devices=1, batch=64, resolution=res)
     flops1 = scale_check.per_device_flops(one[0].lower(one[1], one[2]).compile())
     out[f'{name}/{shard}'] = dict(moves=len(moves), ratio=scale_check.per_device_flops(compiled) / flops1)
 print(json.dumps(out))
@@ -193,8 +193,8 @@ def test_grouped_models_move_no_feature_maps_and_split_flops_on_8_devices():
     """The issue's worst cases (gathers before this change: alexnet_original 6,
     resnext50_32x4d 32) compiled for 8 devices: no collective moves a feature map of the
     global batch, with and without FSDP, and each device does ~1/8 of the 1-device FLOPs.
-    (AlexNet's 61M-parameter update is per-parameter work every device would repeat with a
-    replicated state, so it is measured with the state sharded: FSDP splits that part too.)"""
+    (Per-parameter work, like the update of AlexNet's 61M parameters, does not shrink with
+    the per-device batch; at a global batch of 64 it is a few percent of the step.)"""
     cases = [('alexnet_original', 80, True), ('shufflenet_v1_g3', 32, True),
              ('resnext50_32x4d', 32, False)]
     out = run_python(SCALE_CODE % repr(cases))
@@ -305,12 +305,21 @@ print(json.dumps(out))
 '''
 
 
-def _main_signature(text: str) -> tuple[list[tuple[str, str, str]], str]:
-    """(element type, sharding, location) of each argument of the exported main."""
+def _main_signature(text: str) -> list[tuple[str, str, str]]:
+    """(element type, attributes, location) of each argument of the exported main."""
     header = text[text.index('func.func public @main('):]
     header = header[:header.index(') -> (')]
-    args = re.findall(r'%arg\d+: tensor<([^>]*)>\s*\{([^}]*)\}\s*loc\("([^"]*)"\)', header)
-    return [(shape.split('x')[-1], attrs, loc) for shape, attrs, loc in args], header
+    args = []
+    for chunk in re.split(r'%arg\d+: ', header)[1:]:
+        shape = re.match(r'tensor<([^>]*)>', chunk).group(1)
+        loc = re.search(r'loc\("([^"]*)"\)', chunk)
+        args.append((shape.split('x')[-1], chunk, loc.group(1) if loc else ''))
+    return args
+
+
+def _elements(attrs: str) -> int:
+    dims = re.match(r'tensor<([^>]*)>', attrs).group(1).split('x')[:-1]
+    return int(np.prod([int(d) for d in dims])) if dims else 1
 
 
 def _check_exported_step(name: str, text: str, batch_keys=('image',)) -> None:
@@ -319,15 +328,16 @@ def _check_exported_step(name: str, text: str, batch_keys=('image',)) -> None:
     for op in convs:  # compute in bf16, whatever the layer (dense, depthwise or grouped)
         assert re.search(r'\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\) -> tensor<[^>]*xbf16>', op), (name, op)
     assert 'custom_call' not in text and 'callback' not in text, name
-    args, _ = _main_signature(text)
+    args = _main_signature(text)
     assert args
     for dtype, attrs, loc in args:
         if any(part in loc for part in ('params', 'opt_state', 'batch_stats', 'ema')) and dtype[0] in 'bf':
             assert dtype == 'f32', (name, loc, dtype)  # floats in f32 (the step counters are i32)
         if any(f"['{key}']" in loc for key in batch_keys):
             assert 'sdy.sharding<@mesh, [{"data"}' in attrs, (name, loc, attrs)
+    big = [loc for _, attrs, loc in args if 'params' in loc and _elements(attrs) >= 2**18]
     sharded = [loc for _, attrs, loc in args if '{"data"}' in attrs and 'params' in loc]
-    assert sharded, f'{name}: shard_params=True sharded no parameter'
+    assert bool(sharded) == bool(big), f'{name}: shard_params=True split {sharded} of {big}'
     # Softmax cross-entropy on [batch, classes] f32 logits: its exp/log never in bf16.
     for op in re.findall(r'stablehlo\.(?:exponential|log) [^\n]*', text):
         m = re.search(r'tensor<16x10x(\w+)>', op)
@@ -355,7 +365,9 @@ def test_supervised_step_of_every_family_exports_for_gpu_and_tpu_in_bf16(chunk):
     from tools import scale_check
 
     names = _one_model_per_family()[chunk::3]
-    out = run_python(EXPORT_CODE % repr([(n, scale_check.smallest_resolution(n)) for n in names]))
+    # Inception-ResNet-v2's last max-pool has no output below 75 px once differentiated.
+    out = run_python(EXPORT_CODE % repr([(n, max(scale_check.smallest_resolution(n), 75 if 'inception' in n else 0))
+                                          for n in names]))
     assert sorted(out) == sorted(names)
     for name, text in out.items():
         _check_exported_step(name, text)

@@ -210,6 +210,23 @@ def mesh_jit(fun: Callable, mesh: Mesh, **jit_kwargs) -> MeshJit:
 # ----------------------------------------------------------------------------- state
 
 
+def gathered(tree: Any) -> Any:
+    """`tree` replicated on every device of the mesh being traced under (as `mesh_jit`
+    traces); unchanged without one.
+
+    With `shard_params` the state lives split over 'data' (FSDP). Left to itself, XLA's
+    partitioner may then keep a layer's kernel split and all-gather the *activations*
+    instead (seen: AlexNet's conv3, fc6 and fc7 gathered the whole batch), which costs
+    batch-sized traffic and memory on every device. Gathering the parameters where the
+    step starts is FSDP's own pattern: parameters move, activations stay local; the
+    gradient of this constraint is the reduce-scatter back to the sharded state.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, P())
+
+
 def model_variables(params, batch_stats) -> dict:
     variables = {'params': params}
     if batch_stats:
@@ -339,6 +356,7 @@ def make_train_step(
         has_bn = bool(state.batch_stats)
 
         def loss_fn(params):
+            params = gathered(params)
             if frozen_params is not None:
                 params = jax.tree.map(
                     lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
@@ -405,7 +423,8 @@ def make_eval_step(model: flax.linen.Module, mesh: Mesh):
     """
 
     def eval_fn(params, batch_stats, batch):
-        logits = model.apply(model_variables(params, batch_stats), batch['image'], train=False)
+        logits = model.apply(model_variables(gathered(params), gathered(batch_stats)), batch['image'],
+                             train=False)
         mask = batch['mask'].astype(jnp.float32)
         loss = cross_entropy(logits, batch['label'])
         return {

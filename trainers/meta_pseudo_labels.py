@@ -220,7 +220,7 @@ def _apply(model, params, batch_stats, images, rng):
     """Training-mode forward; returns (float32 logits, updated batch stats)."""
     has_bn = bool(batch_stats)
     out, mutated = model.apply(
-        core.model_variables(params, batch_stats), images, train=True,
+        core.model_variables(core.gathered(params), batch_stats), images, train=True,
         mutable=['batch_stats'] if has_bn else [], rngs={'dropout': rng},
     )
     return out.astype(jnp.float32), (mutated['batch_stats'] if has_bn else batch_stats)
