@@ -282,8 +282,9 @@ class StdConv(nn.Conv):
     optimiser sees the raw weights, as in the reference implementation.
 
     Attributes:
-        eps: added to the per-channel variance. 1e-8 follows the released BiT models;
-            larger values matter only for nearly constant kernels.
+        eps: added to the per-channel variance. 1e-8 is timm's value for the BiT ports
+            (BiT's own code uses 1e-10: ~2e-6 relative for trained kernels); larger values
+            matter only for nearly constant kernels.
     """
 
     eps: float = 1e-8

@@ -372,3 +372,64 @@ def test_supervised_step_of_every_family_exports_for_gpu_and_tpu_in_bf16(chunk):
     for name, text in out.items():
         _check_exported_step(name, text)
 
+
+
+TEACHER_STUDENT_EXPORT_CODE = '''
+import json
+import jax, jax.numpy as jnp
+import models
+from configs.mpl import mnist5k
+from tools import scale_check
+from trainers import core, optim
+from trainers import meta_pseudo_labels as mpl
+
+mesh = core.create_mesh()
+data = core.batch_sharding(mesh)
+out = {}
+
+# Noisy Student's student step: the supervised step on labeled + pseudo-labeled images,
+# soft targets and per-example weights in the batch.
+step, state, batch = scale_check.abstract_step('efficientnet_b0', devices=8, batch=16, resolution=32,
+                                               shard_params=True, dtype='bfloat16')
+batch = dict(batch, targets=jax.ShapeDtypeStruct((16, 10), jnp.float32, sharding=data),
+             weight=jax.ShapeDtypeStruct((16,), jnp.float32, sharding=data))
+with jax.set_mesh(step.mesh):
+    out['noisy_student'] = jax.export.export(step.jitted, platforms=['cuda', 'tpu'])(state, batch).mlir_module()
+
+# The MPL joint teacher-student step.
+config = mnist5k.get_config()
+config.batch_size, config.unlabeled_ratio, config.compute_dtype = 16, 1.0, 'bfloat16'
+model = models.create_model('mobilenetv3_small_100', num_classes=10, dtype=jnp.bfloat16)
+s_sched = mpl.student_schedule(config)
+s_tx = optim.create_optimizer(config, s_sched)
+t_conf = mpl.teacher_config(config)
+t_sched = optim.create_schedule(t_conf)
+t_tx = optim.create_optimizer(t_conf, t_sched)
+
+def init(tx, use_ema):
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    p = v['params']
+    return core.TrainState(step=jnp.zeros((), jnp.int32), params=p, batch_stats=v.get('batch_stats', {}),
+                           opt_state=tx.init(p), ema_params=p if use_ema else {},
+                           ema_batch_stats=v.get('batch_stats', {}) if use_ema else {})
+
+with jax.set_mesh(mesh):
+    abstract = jax.eval_shape(lambda: mpl.MPLState(teacher=init(t_tx, False), student=init(s_tx, True),
+                                                   reward_baseline=jnp.zeros((), jnp.float32)))
+shardings = core.state_shardings(mesh, abstract, True)
+state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+images = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32, sharding=data)
+batch = {'image': images, 'label': jax.ShapeDtypeStruct((16,), jnp.int32, sharding=data),
+         'image_uw': images, 'image_us': images}
+step = core.mesh_jit(mpl.make_mpl_step(model, model, t_tx, s_tx, t_sched, s_sched, config), mesh,
+                     in_shardings=(shardings, data), out_shardings=(shardings, core.replicated(mesh)))
+with jax.set_mesh(mesh):
+    out['mpl'] = jax.export.export(step.jitted, platforms=['cuda', 'tpu'])(state, batch).mlir_module()
+print(json.dumps(out))
+'''
+
+
+def test_noisy_student_and_mpl_steps_export_for_gpu_and_tpu_in_bf16():
+    out = run_python(TEACHER_STUDENT_EXPORT_CODE)
+    _check_exported_step('noisy_student', out['noisy_student'], batch_keys=('image', 'targets', 'weight'))
+    _check_exported_step('mpl', out['mpl'], batch_keys=('image', 'image_uw', 'image_us'))

@@ -22,7 +22,6 @@ above `--rtol` exits with status 2
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import os
 import sys
@@ -33,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
+from tools import inference  # noqa: E402
 from trainers import finetune  # noqa: E402
 from trainers.checkpointing import Checkpointer, tree_fingerprint  # noqa: E402
 
@@ -42,17 +42,11 @@ TORCHVISION_FIRST = ('vgg',)
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`['norm=group', 'drop_rate=0.1']` -> model overrides (values as Python literals)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep:
-            raise SystemExit(f'--set takes key=value, got {item!r}')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    """`['norm=group', 'drop_rate=0.1']` -> model overrides (`tools.inference`'s parser)."""
+    try:
+        return inference.parse_overrides(items)
+    except inference.ToolError as e:
+        raise SystemExit(str(e)) from None
 
 
 def infer_num_classes(model_name: str, state: dict, overrides: dict) -> int | None:

@@ -81,7 +81,8 @@ def enable_compilation_cache(directory: str | None) -> str | None:
 
     A program compiled once on a machine (same JAX, XLA flags and shapes) is read back on
     the next run instead of recompiled: the init and train-step compilations that dominate
-    a CPU run's start-up. Programs that compile in under a second are not stored. Returns
+    a CPU run's start-up. Programs that compile in under a second are not stored; the
+    least recently used entries are dropped past 4 GiB. Returns
     the directory in use, or None when off.
     """
     if directory is None:
@@ -97,6 +98,8 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     jax.config.update('jax_compilation_cache_dir', directory)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    # Least recently used entries go beyond 4 GiB, so the cache cannot fill a disk.
+    jax.config.update('jax_compilation_cache_max_size', 4 * 2**30)
     return directory
 
 

@@ -1,0 +1,1 @@
+"""BiT (Big Transfer) configs: upstream pre-training recipes and the offline demonstration."""
