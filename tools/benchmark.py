@@ -64,16 +64,13 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
+from tools import scale_check  # noqa: E402
 from trainers import core, finetune, optim  # noqa: E402
 
 
 def _bench_config(args) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        seed=0, batch_size=args.batch_size, num_train_steps=1000, learning_rate=0.1,
-        lr_base_batch_size=0, schedule=dict(name='constant', warmup_steps=0),
-        optimizer=dict(name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4),
-        label_smoothing=0.0, ema_decay=0.0, grad_clip_norm=0.0, compute_dtype=args.dtype,
-    ))
+    return scale_check.step_config(args.batch_size, args.dtype, num_train_steps=1000,
+                                   label_smoothing=0.0)
 
 
 def _timed(fn, n: int) -> float:
@@ -240,8 +237,6 @@ def setup_torch(args) -> tuple[dict, dict]:
 def memory_report(args) -> dict:
     """Compiles (never runs) the train step for `args.devices` devices from abstract
     shapes and reports XLA's per-device memory."""
-    from tools import scale_check
-
     if jax.device_count() < args.devices:
         raise SystemExit(f'error: --devices {args.devices}: only {jax.device_count()} devices here.')
     t = time.perf_counter()

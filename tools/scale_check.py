@@ -40,14 +40,16 @@ _COLLECTIVE = re.compile(
 )
 
 
-def step_config(batch: int, dtype: str = 'float32') -> ml_collections.ConfigDict:
-    """SGD + momentum with weight decay: the optimizer of most shipped configs."""
-    return ml_collections.ConfigDict(dict(
+def step_config(batch: int, dtype: str = 'float32', **changes) -> ml_collections.ConfigDict:
+    """SGD + momentum with weight decay (the optimizer of most shipped configs), constant
+    learning rate; `changes` replace top-level fields. Also `tools/benchmark.py`'s step."""
+    fields = dict(
         seed=0, batch_size=batch, num_train_steps=10, learning_rate=0.1, lr_base_batch_size=0,
         schedule=dict(name='constant', warmup_steps=0),
         optimizer=dict(name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4),
         label_smoothing=0.1, ema_decay=0.0, grad_clip_norm=0.0, compute_dtype=dtype,
-    ))
+    )
+    return ml_collections.ConfigDict({**fields, **changes})
 
 
 def smallest_resolution(name: str, candidates: Sequence[int] = RESOLUTIONS) -> int:

@@ -103,16 +103,17 @@ def enable_compilation_cache(directory: str | None) -> str | None:
     return directory
 
 
-def _multiple(n_dev: int, n_proc: int) -> int:
-    return int(np.lcm(n_dev, n_proc))
+def _split_unit(n_dev: int | None, n_proc: int | None) -> tuple[int, int, int]:
+    """(devices, processes, the smallest batch both split evenly); None: this run's."""
+    n_dev = jax.device_count() if n_dev is None else n_dev
+    n_proc = jax.process_count() if n_proc is None else n_proc
+    return n_dev, n_proc, int(np.lcm(n_dev, n_proc))
 
 
 def check_batch_size(name: str, batch: int, n_dev: int | None = None, n_proc: int | None = None) -> None:
     """Refuses a global train batch the devices and processes cannot split evenly, naming
     the nearest sizes that they can (every device gets an equal slice)."""
-    n_dev = jax.device_count() if n_dev is None else n_dev
-    n_proc = jax.process_count() if n_proc is None else n_proc
-    m = _multiple(n_dev, n_proc)
+    n_dev, n_proc, m = _split_unit(n_dev, n_proc)
     if batch <= 0:
         raise ConfigError(f'{name}={batch} must be a positive multiple of {m}.')
     if batch % m:
@@ -128,11 +129,9 @@ def eval_batch_size(batch: int, n_dev: int | None = None, n_proc: int | None = N
     """The evaluation batch actually used: `batch` rounded up to a multiple of the device
     (and process) count. The padded rows are masked out of every metric, so any
     configured size evaluates on any number of devices."""
-    n_dev = jax.device_count() if n_dev is None else n_dev
-    n_proc = jax.process_count() if n_proc is None else n_proc
     if batch <= 0:
         raise ConfigError(f'eval_batch_size={batch} must be positive.')
-    m = _multiple(n_dev, n_proc)
+    m = _split_unit(n_dev, n_proc)[2]
     return -(-batch // m) * m
 
 
@@ -364,9 +363,8 @@ def make_train_step(
                 params = jax.tree.map(
                     lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
                 )
-            with contextlib.ExitStack() as stack:
-                if frozen_norms:
-                    stack.enter_context(flax.linen.intercept_methods(eval_mode_frozen_norms))
+            with (flax.linen.intercept_methods(eval_mode_frozen_norms) if frozen_norms
+                  else contextlib.nullcontext()):
                 out, mutated = model.apply(
                     model_variables(params, state.batch_stats),
                     batch['image'],
