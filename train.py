@@ -7,7 +7,10 @@ The trainer is `config.trainer` ('supervised' | 'noisy_student' | 'mpl'). Starti
 with the same --workdir resumes from its newest checkpoint. --config is a path relative
 to the working directory or to the repository root. A mistake in the command or config
 (flaxnets_errors.UserError) prints one message and exits with status 2; --verbose or
-FLAXNETS_VERBOSE=1 adds the traceback. Multi-host: pass
+FLAXNETS_VERBOSE=1 adds the traceback. Ctrl-C or SIGTERM (a preemption) finishes the
+step, saves a checkpoint and exits with status 75 ("stopped cleanly, run the same command
+to resume"); a second Ctrl-C aborts at once (status 130). A resume whose config changes
+fields that break exact resumption is refused unless --allow_config_change. Multi-host: pass
 --coordinator_address/--num_processes/--process_id, or, on TPU pods, SLURM and Open MPI,
 nothing: JAX detects the cluster itself.
 """
@@ -37,6 +40,11 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index, 0..num_processes-1.')
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    'allow_config_change', False,
+    'Resume even though the config changed fields that break exact resumption (model, data, '
+    'batch size, seed, augmentation); the earlier configs stay in <workdir>/history/.'
+)
 _VERBOSE = flags.DEFINE_bool(
     'verbose', False, 'Show the traceback of user errors too (also: FLAXNETS_VERBOSE=1).'
 )
@@ -182,15 +190,38 @@ class _QuietLibraries(logging_std.Filter):
     NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/', '/absl/')
 
     def filter(self, record: logging_std.LogRecord) -> bool:
+        if '/orbax/' in record.pathname and record.levelno >= logging_std.ERROR:
+            # A failed save or restore is raised to the loop (trainers/loop.py), which
+            # reports it in one line; orbax's own report is a stack per thread.
+            return False
         return record.levelno >= logging_std.WARNING or not any(
             part in record.pathname for part in self.NOISY
         )
+
+
+def _quiet_closed_loop_errors() -> None:
+    """After a failed asynchronous save, orbax's writer threads can finish after their
+    asyncio loop closed; each prints 'RuntimeError: Event loop is closed' through
+    sys.unraisablehook. Those say nothing the run's own error line does not."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == 'Event loop is closed':
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def main(argv):
     if len(argv) > 1:
         raise ConfigError(f'Unexpected arguments: {argv[1:]} (flags take the form --name=value).')
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    _quiet_closed_loop_errors()
+    from trainers import configuration
+
+    configuration.check_values(_CONFIG.value)  # before anything slow is imported or written
     # tf.data only: keep TensorFlow off the accelerators JAX uses.
     import tensorflow as tf
 
@@ -207,8 +238,11 @@ def main(argv):
     cache = core.enable_compilation_cache(config.get('compilation_cache_dir'))
     if cache:
         logging.info('Compilation cache: %s (--config.compilation_cache_dir=\'\' turns it off).', cache)
+    from trainers.workdir import RunOptions
+
     trainer = trainers.get_trainer(config.get('trainer', 'supervised'))
-    trainer.train_and_evaluate(config, _WORKDIR.value)
+    trainer.train_and_evaluate(config, _WORKDIR.value,
+                               options=RunOptions(allow_config_change=_ALLOW_CONFIG_CHANGE.value))
 
 
 def _verbose(argv: list[str]) -> bool:
@@ -220,10 +254,23 @@ def _verbose(argv: list[str]) -> bool:
 
 
 def run(argv: list[str] | None = None) -> None:
-    """app.run(main) with the one handler for user errors: message only, exit status 2."""
+    """app.run(main) with the handlers for how a run ends early: a user error prints its
+    message and exits 2; an interrupted run that saved its checkpoint exits 75
+    (EXIT_RESUMABLE: run the same command to resume); a second Ctrl-C exits 130."""
     argv = sys.argv if argv is None else argv
+    from trainers.loop import EXIT_RESUMABLE, RunInterrupted
+
     try:
         app.run(main, argv=argv, flags_parser=_parse_flags)
+    except RunInterrupted as e:
+        logging.flush()
+        print(f'train.py: {e}', file=sys.stderr, flush=True)
+        sys.exit(EXIT_RESUMABLE)
+    except KeyboardInterrupt:
+        logging.flush()
+        print('train.py: aborted by a second Ctrl-C; the newest saved checkpoint is where the '
+              'next run resumes.', file=sys.stderr, flush=True)
+        sys.exit(130)
     except UserError as e:
         if _verbose(argv):
             raise

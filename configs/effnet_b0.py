@@ -30,77 +30,58 @@ compute (`--config.compute_dtype=bfloat16`) is recommended on GPU/TPU.
 
 ImageNet must be prepared by tfds first (manual download); the run fails at start with
 the instructions when it is not.
+
+B1-B7 (`configs/effnet_b1.py` ... `effnet_b7.py`, built by `scaled` below) change only the
+model, the resolution, the dropout before the classifier and the evaluation crop (resize
+to resolution + 32, centre crop: crop_pct = r / (r + 32)), as Tan & Le 2019, Sec. 5.2 and
+the reference's scaling table do; optimizer, schedule, regularisation, batch, epochs and
+AutoAugment are B0's:
+
+| config | resolution | dropout | crop_pct | timm's tf_ cfg | top-1 (Table 2) |
+|---|---|---|---|---|---|
+| B1 | 240 | 0.2 | 240/272 | 0.882 | 79.1 |
+| B2 | 260 | 0.3 | 260/292 | 0.89 | 80.1 |
+| B3 | 300 | 0.3 | 300/332 | 0.904 | 81.6 |
+| B4 | 380 | 0.4 | 380/412 | 0.922 | 82.9 |
+| B5 | 456 | 0.4 | 456/488 | 0.934 | 83.6 |
+| B6 | 528 | 0.5 | 528/560 | 0.942 | 84.0 |
+| B7 | 600 | 0.5 | 600/632 | 0.949 | 84.3 |
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-import input_pipeline
+from configs import common
 
-TRAIN_IMAGES = 1_281_167
+BATCH = 4096
 EPOCHS = 350
+STEPS_PER_EPOCH = common.imagenet_steps_per_epoch(BATCH)  # 312
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.trainer = 'supervised'
-    config.model = 'efficientnet_b0'
-    # Overrides passed to models.create_model; unset (None) fields keep the model's default.
-    config.model_kwargs = ml_collections.ConfigDict(
-        dict(
-            norm=placeholder(str),  # 'batch' | 'group'
-            weight_std=placeholder(bool),
-            drop_rate=0.2,
-            drop_path_rate=0.2,
-        )
+    epoch = STEPS_PER_EPOCH
+    return common.imagenet_config(
+        'efficientnet_b0', batch_size=BATCH, epochs=EPOCHS,
+        model_kwargs=common.model_kwargs(drop_rate=0.2, drop_path_rate=0.2),
+        # The reference evaluates with crop_padding 32: resize to 224 + 32, crop 224.
+        data=dict(crop_pct=224 / 256, interpolation='bicubic', autoaugment='imagenet'),
+        optimizer=ml_collections.ConfigDict(dict(
+            name='rmsprop_tf', rmsprop_decay=0.9, momentum=0.9, rmsprop_eps=1e-3,
+            weight_decay=1e-5,
+        )),
+        learning_rate=0.256, lr_base_batch_size=4096,
+        schedule=ml_collections.ConfigDict(dict(
+            name='exponential', warmup_steps=5 * epoch, decay_steps=int(2.4 * epoch),
+            decay_factor=0.97, staircase=True,
+        )),
+        label_smoothing=0.1, ema_decay=0.9999,
     )
-    config.dataset = 'imagenet2012'
-    config.train_split = 'train'
-    config.eval_split = 'validation'
-    config.image_size = 224
 
-    config.data = input_pipeline.default_data_config()
-    config.data.preprocess = 'imagenet'
-    config.data.train_augment = 'inception_crop'
-    config.data.flip = True
-    # The reference evaluates with crop_padding 32: resize to 224 + 32, crop 224.
-    config.data.crop_pct = 224 / 256
-    config.data.interpolation = 'bicubic'
-    config.data.autoaugment = 'imagenet'
 
-    config.seed = 0
-    config.batch_size = 4096
-    config.eval_batch_size = 1000
-    steps_per_epoch = TRAIN_IMAGES // config.batch_size
-    config.num_train_steps = EPOCHS * steps_per_epoch
-    config.log_every_steps = 100
-    config.eval_every_steps = 10 * steps_per_epoch
-    config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 3
-
-    config.optimizer = ml_collections.ConfigDict(
-        dict(
-            name='rmsprop_tf', rmsprop_decay=0.9, momentum=0.9, rmsprop_eps=1e-3, weight_decay=1e-5
-        )
-    )
-    config.learning_rate = 0.256
-    config.lr_base_batch_size = 4096
-    config.schedule = ml_collections.ConfigDict(
-        dict(
-            name='exponential',
-            warmup_steps=5 * steps_per_epoch,
-            decay_steps=int(2.4 * steps_per_epoch),
-            decay_factor=0.97,
-            staircase=True,
-        )
-    )
-    config.label_smoothing = 0.1
-    config.ema_decay = 0.9999
-    config.grad_clip_norm = 0.0
-    config.compute_dtype = 'float32'
-    config.shard_params = False
-    # JAX's persistent compilation cache: a second run of the same program skips XLA
-    # compilation. None: the per-user default (~/.cache/flaxnets/jax); '' turns it off.
-    config.compilation_cache_dir = None
-    config.prefetch_to_device = 2
+def scaled(n: int, resolution: int, drop_rate: float) -> ml_collections.ConfigDict:
+    """B0's recipe for EfficientNet-B`n` at `resolution` with dropout `drop_rate`."""
+    config = get_config()
+    config.model = f'efficientnet_b{n}'
+    config.image_size = resolution
+    config.model_kwargs.drop_rate = drop_rate
+    config.data.crop_pct = resolution / (resolution + 32)
     return config

@@ -22,68 +22,18 @@ the instructions when it is not.
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-import input_pipeline
+from configs import common
 
-TRAIN_IMAGES = 1_281_167
+BATCH = 1024
 EPOCHS = 90
+STEPS_PER_EPOCH = common.imagenet_steps_per_epoch(BATCH)  # 1,251
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.trainer = 'supervised'
-    config.model = 'resnet50'
-    # Overrides passed to models.create_model; unset (None) fields keep the model's default.
-    config.model_kwargs = ml_collections.ConfigDict(
-        dict(
-            norm=placeholder(str),  # 'batch' | 'group' | 'none'
-            weight_std=placeholder(bool),
-            drop_rate=placeholder(float),
-            drop_path_rate=placeholder(float),
-        )
+    epoch = STEPS_PER_EPOCH
+    return common.imagenet_config(
+        'resnet50', batch_size=BATCH, epochs=EPOCHS,
+        optimizer=common.sgd(1e-4), learning_rate=0.1, lr_base_batch_size=256,
+        schedule=common.step_schedule(5 * epoch, (30 * epoch, 60 * epoch, 80 * epoch)),
     )
-    config.dataset = 'imagenet2012'
-    config.train_split = 'train'
-    config.eval_split = 'validation'
-    config.image_size = 224
-
-    config.data = input_pipeline.default_data_config()
-    config.data.preprocess = 'imagenet'
-    config.data.train_augment = 'inception_crop'
-    config.data.flip = True
-    config.data.crop_pct = 0.875
-
-    config.seed = 0
-    config.batch_size = 1024
-    config.eval_batch_size = 1000
-    steps_per_epoch = TRAIN_IMAGES // config.batch_size
-    config.num_train_steps = EPOCHS * steps_per_epoch
-    config.log_every_steps = 100
-    config.eval_every_steps = 10 * steps_per_epoch
-    config.checkpoint_every_steps = 2000
-    config.keep_checkpoints = 3
-
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4)
-    )
-    config.learning_rate = 0.1
-    config.lr_base_batch_size = 256
-    config.schedule = ml_collections.ConfigDict(
-        dict(
-            name='step',
-            warmup_steps=5 * steps_per_epoch,
-            boundaries=(30 * steps_per_epoch, 60 * steps_per_epoch, 80 * steps_per_epoch),
-            decay_factor=0.1,
-        )
-    )
-    config.label_smoothing = 0.0
-    config.ema_decay = 0.0
-    config.grad_clip_norm = 0.0
-    config.compute_dtype = 'float32'
-    config.shard_params = False
-    # JAX's persistent compilation cache: a second run of the same program skips XLA
-    # compilation. None: the per-user default (~/.cache/flaxnets/jax); '' turns it off.
-    config.compilation_cache_dir = None
-    config.prefetch_to_device = 2
-    return config

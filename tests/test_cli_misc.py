@@ -239,14 +239,14 @@ def test_unexpected_error_keeps_its_traceback(tmp_path):
 def test_user_errors_share_one_base_and_keep_their_builtin_types(data_dir):
     import input_pipeline
     from flaxnets_errors import ConfigError, InputNotFoundError, UserError
-    from trainers import checkpointing, finetune, optim, supervised
+    from trainers import checkpointing, finetune, loop, optim
 
     for error, builtin in [
         (models.UnknownModelError, ValueError), (models.registry.ModelOverrideError, TypeError),
         (models.ConversionError, ValueError), (input_pipeline.DatasetNotAvailableError, RuntimeError),
         (finetune.WeightsFileError, ValueError), (finetune.PretrainedMismatchError, ValueError),
         (checkpointing.CheckpointMismatchError, RuntimeError),
-        (supervised.NonFiniteLossError, FloatingPointError), (ConfigError, ValueError),
+        (loop.NonFiniteLossError, FloatingPointError), (ConfigError, ValueError),
         (InputNotFoundError, FileNotFoundError),
     ]:
         assert issubclass(error, UserError) and issubclass(error, builtin), error

@@ -21,7 +21,7 @@ from conftest import small_config
 from flax import traverse_util
 
 import models
-from trainers import core, finetune, hyperrule, supervised
+from trainers import core, finetune, hyperrule, loop, supervised
 from trainers.checkpointing import load_state_arrays
 
 
@@ -187,8 +187,9 @@ def test_finetune_freezes_resumes_and_never_rereads_the_source(data_dir, pretrai
     resumed = str(tmp_path / 'resumed')
     with monkeypatch.context() as m:
         _stop_after(m, 5, 'sigterm')
-        out = supervised.train_and_evaluate(config(8), resumed)
-    assert 1 <= out['preempted_at_step'] < 8
+        with pytest.raises(loop.RunInterrupted) as e:
+            supervised.train_and_evaluate(config(8), resumed)
+    assert 1 <= e.value.step < 8
     shutil.rmtree(source)  # a resumed fine-tune must not need it
     supervised.train_and_evaluate(config(8), resumed)
 

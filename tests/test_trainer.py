@@ -26,8 +26,9 @@ from conftest import read_jsonl, run_train, run_train_multiprocess, small_config
 
 import input_pipeline
 import models
-from trainers import core, optim, supervised
+from trainers import core, loop, optim, supervised
 from trainers.checkpointing import CheckpointMismatchError, load_state_arrays
+from trainers.workdir import ConfigChangedError, RunOptions
 
 
 def _results(workdir):
@@ -102,9 +103,10 @@ def test_resume_is_exact(data_dir, tmp_path, monkeypatch, how):
             with pytest.raises(RuntimeError, match='simulated crash'):
                 supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
         else:
-            out = supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
+            with pytest.raises(loop.RunInterrupted, match='SIGTERM') as e:
+                supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
             # The SIGTERM lands while the prefetcher is a few batches ahead of the step.
-            assert 2 <= out['preempted_at_step'] < 8
+            assert 2 <= e.value.step < 8
     stopped_at, _ = load_state_arrays(os.path.join(cut_dir, 'checkpoints'))
     assert stopped_at < 8
     supervised.train_and_evaluate(small_config(data_dir, **overrides), cut_dir)
@@ -278,7 +280,7 @@ def test_non_finite_loss_stops_and_names_last_good_checkpoint(data_dir, tmp_path
     monkeypatch.setattr(input_pipeline, 'create_train_iterator', poisoned)
     config = small_config(data_dir, num_train_steps=10, log_every_steps=1, checkpoint_every_steps=2)
     workdir = str(tmp_path / 'run')
-    with pytest.raises(supervised.NonFiniteLossError, match='at step 4') as e:
+    with pytest.raises(loop.NonFiniteLossError, match='at step 4') as e:
         supervised.train_and_evaluate(config, workdir)
     assert 'last good checkpoint is step 2' in str(e.value)
     step, state = load_state_arrays(os.path.join(workdir, 'checkpoints'))
@@ -290,7 +292,12 @@ def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
     workdir = str(tmp_path / 'run')
     supervised.train_and_evaluate(small_config(data_dir, num_train_steps=2, eval_every_steps=2), workdir)
     before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+    other = small_config(data_dir, model='resnet_tiny', num_train_steps=2, eval_every_steps=2)
+    # The config check names the change before anything is built or written ...
+    with pytest.raises(ConfigChangedError, match=r"model \('lenet5' -> 'resnet_tiny'\).*--allow_config_change"):
+        supervised.train_and_evaluate(other, workdir)
+    assert json.load(open(os.path.join(workdir, 'config.json')))['model'] == 'lenet5'
+    # ... and even when allowed, the checkpoint of another model is never restored.
     with pytest.raises(CheckpointMismatchError, match='lenet5'):
-        supervised.train_and_evaluate(
-            small_config(data_dir, model='resnet_tiny', num_train_steps=2, eval_every_steps=2), workdir)
+        supervised.train_and_evaluate(other, workdir, options=RunOptions(allow_config_change=True))
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before

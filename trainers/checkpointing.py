@@ -126,8 +126,14 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for pending saves and closes; a failed save has already been reported
+        by the loop (trainers/loop.py), so errors here are logged, not raised."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - closing after a failed save
+            logging.warning('Closing the checkpoint manager of %s: %s', self.directory,
+                            str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
 
 
 def _as_dict(state: Any) -> dict:

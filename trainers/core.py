@@ -31,16 +31,16 @@ from flaxnets_errors import ConfigError
 from trainers.progress import LogCompilation, Progress
 
 DATA_AXIS = 'data'
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def compute_dtype(config: ml_collections.ConfigDict):
     name = config.get('compute_dtype', 'float32')
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise ConfigError(
-            f'config.compute_dtype={name!r} is not supported; use one of {sorted(_DTYPES)}.'
+            f'config.compute_dtype={name!r} is not supported; use one of {sorted(DTYPES)}.'
         )
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -73,7 +73,6 @@ MPL steps)) and `results.json`: `top1` (the final student: the fine-tuned one wh
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -90,13 +89,14 @@ from absl import logging
 import input_pipeline
 import models
 from flaxnets_errors import ConfigError
-from trainers import core, optim, supervised
+from trainers import configuration, core, loop, optim
 from trainers.checkpointing import Checkpointer, tree_fingerprint
-from trainers.metrics_io import MetricsLogger, write_run_files
+from trainers.metrics_io import MetricsLogger
 from trainers.progress import LogCompilation
+from trainers.workdir import RunOptions, open_run
 
 # Fine-tuning from pretrained weights is a supervised-trainer mode only.
-CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset({
+CONFIG_KEYS = (configuration.SUPERVISED_KEYS - configuration.FINETUNE_KEYS) | frozenset({
     'teacher_model', 'teacher_model_kwargs', 'teacher_optimizer', 'teacher_learning_rate',
     'teacher_schedule', 'unlabeled_ratio', 'mpl', 'uda',
 })
@@ -352,17 +352,8 @@ def make_mpl_step(
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-    supervised.validate_config(config, CONFIG_KEYS)
-    for name, known in (('mpl', MPL_KEYS), ('uda', UDA_KEYS)):
-        if name not in config:
-            raise ConfigError(f'The MPL config needs a `config.{name}` section.')
-        unknown = sorted(set(config[name].keys()) - known)
-        missing = sorted(known - set(config[name].keys()))
-        if unknown or missing:
-            raise ConfigError(
-                f'config.{name}: unknown keys {unknown}, missing keys {missing}; '
-                f'expected exactly {sorted(known)}.'
-            )
+    configuration.validate_config(config, CONFIG_KEYS)
+    configuration.check_sections(config, {'mpl': MPL_KEYS, 'uda': UDA_KEYS}, 'MPL')
     if config.mpl.pseudo_label not in PSEUDO_LABELS:
         raise ConfigError(f'config.mpl.pseudo_label={config.mpl.pseudo_label!r}; use one of {PSEUDO_LABELS}.')
     if config.mpl.reward not in REWARDS:
@@ -383,14 +374,7 @@ def unlabeled_batch_size(config: ml_collections.ConfigDict) -> int:
 
 def _derived(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
     """A supervised-style config (for trainers/optim.py) with `changes` set."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for key in CONFIG_KEYS - supervised.CONFIG_KEYS:
-        if key in out:
-            del out[key]
-    out.trainer = 'supervised'
-    for key, value in changes.items():
-        out[key] = value
-    return out
+    return configuration.derived(config, CONFIG_KEYS - configuration.SUPERVISED_KEYS, **changes)
 
 
 def student_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -480,209 +464,122 @@ def _from_ckpt(d: dict) -> MPLState:
     return MPLState(reward_baseline=d['reward_baseline'], **parts)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the run
 
 
-def _run_loop(
-    *, step_fn, state, batches, start_step: int, total: int, config, logger: MetricsLogger,
-    ckpt: Checkpointer, to_ckpt, evaluate, step_offset: int = 0, split: str = 'train',
-) -> tuple[Any, int, dict]:
-    """Steps `state` from start_step to total: logging, NaN guard, eval, checkpoints,
-    SIGTERM. Returns (state, step reached, last eval results)."""
-    pending: list[tuple[int, dict]] = []
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       options: RunOptions | None = None) -> dict[str, Any]:
+    """Runs (or resumes) MPL training and the student's fine-tuning; returns the results.
 
-    def flush():
-        nonlocal pending
-        if not pending:
-            return None
-        values = jax.device_get([m for _, m in pending])
-        for (s, _), v in zip(pending, values, strict=True):
-            bad = [k for k in ('loss', 'grad_norm', 'param_norm') if not math.isfinite(float(v[k]))]
-            if bad:
-                ckpt.wait()
-                good = ckpt.latest_step()
-                raise supervised.NonFiniteLossError(
-                    f'Non-finite {"/".join(bad)} at {split} step {s + 1}; nothing was saved after '
-                    f'it; the last good checkpoint is {good} in {ckpt.directory} (None: none). '
-                    f'Lower the learning rates, set config.grad_clip_norm or use float32.'
-                )
-        pending = []
-        return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
-
-    results: dict = {}
-    step = start_step
-    with supervised._Preemption() as preempt:
-        logger.mark(step + step_offset)
-        while step < total:
-            state, metrics = step_fn(state, next(batches))
-            pending.append((step, metrics))
-            step += 1
-            if step == start_step + 1:
-                logger.mark(step + step_offset)  # exclude compilation from throughput
-            stop = preempt.requested or (jax.process_count() > 1 and ckpt.manager.reached_preemption(step))
-            if step % config.log_every_steps == 0 or step == total:
-                means = flush()
-                if means is not None and split == 'train':
-                    logger.write_train(step + step_offset, means)
-                elif means is not None:
-                    logger.write(step + step_offset, split, means)
-                    logging.info('%s step %d/%d | loss %.4g | lr %.3g', split, step, total,
-                                 means['loss'], means['lr'])
-            if step % config.eval_every_steps == 0 or step == total:
-                results = evaluate(state, step + step_offset)
-            if step % config.checkpoint_every_steps == 0 or step == total or stop:
-                flush()
-                ckpt.save(step, to_ckpt(state), force=True)
-            if stop:
-                logging.warning('Stopped for preemption at %s step %d; checkpoint saved.', split, step)
-                break
-    return state, step, results
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) MPL training and the student's fine-tuning; returns the results."""
+    Raises:
+      loop.RunInterrupted: after saving, when a signal or preemption stopped the run.
+    """
     _validate(config)
-    data_cfg = config.data
-    info = input_pipeline.get_dataset_info(config.dataset, data_cfg.data_dir, data_cfg.download)
+    info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
     s_cfg = models.get_model_cfg(config.model)
-    t_cfg = models.get_model_cfg(config.teacher_model)
-    if s_cfg.input_size[2] != t_cfg.input_size[2]:
+    if s_cfg.input_size[2] != models.get_model_cfg(config.teacher_model).input_size[2]:
         raise ConfigError(f'Teacher {config.teacher_model} and student {config.model} take different '
-                         f'numbers of channels; they must read the same images.')
-    dtype = core.compute_dtype(config)
-    student_model = models.create_model(
-        config.model, num_classes=info.num_classes, dtype=dtype, **supervised.model_overrides(config))
-    teacher_model = models.create_model(
-        config.teacher_model, num_classes=info.num_classes, dtype=dtype,
-        **{k: v for k, v in dict(config.get('teacher_model_kwargs', {})).items() if v is not None})
-    image_size = config.get('image_size') or s_cfg.input_size[0]
-    channels = s_cfg.input_size[2]
+                          f'numbers of channels; they must read the same images.')
+    with open_run(workdir, config, info.class_names, options):
+        return _train(config, workdir, info, s_cfg)
+
+
+def _initial_state(config, teacher_model, student_model, t_tx, s_tx, input_shape, mesh):
+    """The fresh MPLState and its shardings (teacher and student from fold_in(seed, 0/1))."""
+    rng = jax.random.key(config.seed)
+    shard = config.get('shard_params', False)
+    teacher, t_sh = core.create_train_state(
+        teacher_model, t_tx, rng=jax.random.fold_in(rng, 0), input_shape=input_shape,
+        use_ema=False, mesh=mesh, shard_params=shard)
+    student, s_sh = core.create_train_state(
+        student_model, s_tx, rng=jax.random.fold_in(rng, 1), input_shape=input_shape,
+        use_ema=bool(config.get('ema_decay', 0.0)), mesh=mesh, shard_params=shard)
+    sharding = MPLState(teacher=t_sh, student=s_sh, reward_baseline=core.replicated(mesh))
+    state = MPLState(teacher=teacher, student=student, reward_baseline=jnp.zeros((), jnp.float32))
+    return jax.device_put(state, sharding), sharding
+
+
+def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
+    dtype, total, split = core.compute_dtype(config), config.num_train_steps, config.eval_split
+    image_size, channels = config.get('image_size') or s_cfg.input_size[0], s_cfg.input_size[2]
+    student_model = models.create_model(config.model, num_classes=info.num_classes, dtype=dtype,
+                                        **configuration.model_overrides(config))
+    teacher_model = models.create_model(config.teacher_model, num_classes=info.num_classes, dtype=dtype,
+                                        **configuration.model_overrides(config, 'teacher_model_kwargs'))
     mesh = core.create_mesh()
     sharding = core.batch_sharding(mesh)
-    pi, pc = jax.process_index(), jax.process_count()
-    total = config.num_train_steps
-    write_run_files(workdir, config, info.class_names)
-
     s_schedule = student_schedule(config)
     s_tx = optim.create_optimizer(config, s_schedule)
     t_conf = teacher_config(config)
     t_schedule = optim.create_schedule(t_conf)
     t_tx = optim.create_optimizer(t_conf, t_schedule)
     use_ema = bool(config.get('ema_decay', 0.0))
-    input_shape = (1, image_size, image_size, channels)
-    rng = jax.random.key(config.seed)
-    teacher, t_sh = core.create_train_state(
-        teacher_model, t_tx, rng=jax.random.fold_in(rng, 0), input_shape=input_shape,
-        use_ema=False, mesh=mesh, shard_params=config.get('shard_params', False))
-    student, s_sh = core.create_train_state(
-        student_model, s_tx, rng=jax.random.fold_in(rng, 1), input_shape=input_shape,
-        use_ema=use_ema, mesh=mesh, shard_params=config.get('shard_params', False))
-    state = MPLState(teacher=teacher, student=student, reward_baseline=jnp.zeros((), jnp.float32))
-    state_sharding = MPLState(teacher=t_sh, student=s_sh, reward_baseline=core.replicated(mesh))
-    state = jax.device_put(state, state_sharding)
-
-    meta = {
-        'model': f'mpl:{config.teacher_model}->{config.model}',
-        'param_fingerprint': tree_fingerprint({'t': teacher.params, 's': student.params}),
-        'dataset': config.dataset, 'seed': config.seed, 'batch_size': config.batch_size,
-    }
-    keep = config.get('keep_checkpoints', 3)
-    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), meta, max_to_keep=keep)
-    start_step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt.check_compatible(latest)
-        state = _from_ckpt(ckpt.restore(latest, _to_ckpt(state)))
-        start_step = int(jax.device_get(state.student.step))
-        logging.info('Resumed MPL from %s at step %d.', ckpt.directory, start_step)
-
-    pipe_kw = dict(image_size=image_size, channels=channels, mean=s_cfg.mean, std=s_cfg.std,
-                   process_index=pi, process_count=pc)
-    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
-    make_eval_iter, _ = input_pipeline.create_eval_iterator(
-        config.data, dataset=config.dataset, split=config.eval_split, global_batch_size=eval_batch,
-        **pipe_kw)
-    s_eval = core.make_eval_step(student_model, mesh)
-    t_eval = core.make_eval_step(teacher_model, mesh)
+    state, state_sharding = _initial_state(config, teacher_model, student_model, t_tx, s_tx,
+                                           (1, image_size, image_size, channels), mesh)
+    meta = {'model': f'mpl:{config.teacher_model}->{config.model}',
+            'param_fingerprint': tree_fingerprint({'t': state.teacher.params, 's': state.student.params}),
+            'dataset': config.dataset, 'seed': config.seed, 'batch_size': config.batch_size}
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), meta,
+                        max_to_keep=config.get('keep_checkpoints', 3))
+    pipe_kw = loop.pipeline_kwargs(image_size, channels, s_cfg)
+    batch_per_step = config.batch_size + unlabeled_batch_size(config)
     logger = MetricsLogger(workdir, total_steps=total + config.mpl.finetune_steps,
-                           global_batch_size=config.batch_size + unlabeled_batch_size(config))
-    split = config.eval_split
-
-    def run_eval(variants, step) -> dict:
-        out = {}
-        for name, eval_step, params, stats in variants:
-            out[name] = core.evaluate(eval_step, params, stats,
-                                      core.prefetch_to_device(make_eval_iter(), sharding))
-            logger.write_eval(step, name, out[name])
-        return out
+                           global_batch_size=batch_per_step)
+    evaluator = loop.Evaluator(config, logger, mesh, pipe_kw)
+    s_eval, t_eval = core.make_eval_step(student_model, mesh), core.make_eval_step(teacher_model, mesh)
 
     def mpl_eval(st: MPLState, step: int) -> dict:
-        variants = [(split, s_eval, st.student.params, st.student.batch_stats),
-                    (f'{split}_teacher', t_eval, st.teacher.params, st.teacher.batch_stats)]
-        if use_ema:
-            variants.append((f'{split}_ema', s_eval, st.student.ema_params, st.student.ema_batch_stats))
-        return run_eval(variants, step)
+        teacher = [(f'{split}_teacher', t_eval, st.teacher.params, st.teacher.batch_stats)]
+        return evaluator(loop.state_variants(st.student, split, s_eval, use_ema) + teacher, step)
 
     labeled, unlabeled = data_sources(config)
+    step_fn = LogCompilation(core.mesh_jit(
+        make_mpl_step(teacher_model, student_model, t_tx, s_tx, t_schedule, s_schedule, config), mesh,
+        in_shardings=(state_sharding, sharding), out_shardings=(state_sharding, core.replicated(mesh)),
+        donate_argnums=(0,),
+    ), 'MPL teacher-student step')
+    phase = loop.Phase(
+        name='train', state=state, step_fn=step_fn, evaluate=mpl_eval, checkpointer=ckpt,
+        batches=lambda start: train_batches(config, labeled, unlabeled, start, pipe_kw),
+        total_steps=total, sharding=sharding, to_ckpt=_to_ckpt, from_ckpt=_from_ckpt,
+        prefetch=config.get('prefetch_to_device', 2), global_batch_size=batch_per_step,
+        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
+    )
     t0 = time.time()
-    mpl_results: dict = {}
     try:
-        if start_step < total:
-            step_fn = LogCompilation(core.mesh_jit(
-                make_mpl_step(teacher_model, student_model, t_tx, s_tx, t_schedule, s_schedule, config),
-                mesh,
-                in_shardings=(state_sharding, sharding),
-                out_shardings=(state_sharding, core.replicated(mesh)),
-                donate_argnums=(0,),
-            ), 'MPL teacher-student step')
-            batches = core.prefetch_to_device(
-                train_batches(config, labeled, unlabeled, start_step, pipe_kw), sharding,
-                size=config.get('prefetch_to_device', 2))
-            try:
-                state, reached, mpl_results = _run_loop(
-                    step_fn=step_fn, state=state, batches=batches, start_step=start_step,
-                    total=total, config=config, logger=logger, ckpt=ckpt, to_ckpt=_to_ckpt,
-                    evaluate=mpl_eval)
-            finally:
-                batches.close()
-            if reached < total:
-                logger.close()
-                return {'preempted_at_step': reached}
+        outcome = loop.run(phase, config, logger)
+        mpl_results = outcome.eval_results or mpl_eval(outcome.state, total)
+        results = {
+            'trainer': 'mpl', 'model': config.model, 'teacher_model': config.teacher_model,
+            'dataset': config.dataset, 'split': split, 'step': total, **mpl_results[split],
+            'student_top1': mpl_results[split]['top1'],
+            'teacher_top1': mpl_results[f'{split}_teacher']['top1'],
+            'skipped_examples': outcome.skipped_examples,
+        }
+        if use_ema:
+            results['ema'] = mpl_results[f'{split}_ema']
+        if config.mpl.finetune_steps:
+            ft, skipped = _finetune(config, outcome.state.student, student_model,
+                                    state_sharding.student, mesh, labeled, pipe_kw, logger,
+                                    workdir, evaluator, s_eval, use_ema)
+            results.update({**ft[split], 'finetuned_top1': ft[split]['top1'],
+                            'finetune_steps': config.mpl.finetune_steps})
+            results['skipped_examples'] += skipped
+            if use_ema:
+                results['finetuned_ema'] = ft[f'{split}_ema']
+        results['train_time_s'] = round(time.time() - t0, 2)
+        logger.write_results(results)
+        logging.info('Final results: %s', json.dumps(results))
+        return results
     finally:
         ckpt.close()
-    if not mpl_results:
-        mpl_results = mpl_eval(state, total)
-
-    results = {
-        'trainer': 'mpl', 'model': config.model, 'teacher_model': config.teacher_model,
-        'dataset': config.dataset, 'split': split, 'step': total,
-        **mpl_results[split],
-        'student_top1': mpl_results[split]['top1'],
-        'teacher_top1': mpl_results[f'{split}_teacher']['top1'],
-    }
-    if use_ema:
-        results['ema'] = mpl_results[f'{split}_ema']
-
-    if config.mpl.finetune_steps:
-        ft = _finetune(config, state.student, student_model, s_sh, mesh, labeled, pipe_kw,
-                       logger, workdir, run_eval, s_eval, use_ema)
-        if 'preempted_at_step' in ft:
-            logger.close()
-            return {'preempted_at_step': total + ft['preempted_at_step']}
-        results.update({**ft[split], 'finetuned_top1': ft[split]['top1'],
-                        'finetune_steps': config.mpl.finetune_steps})
-        if use_ema:
-            results['finetuned_ema'] = ft[f'{split}_ema']
-    results['train_time_s'] = round(time.time() - t0, 2)
-    logger.write_results(results)
-    logger.close()
-    logging.info('Final results: %s', json.dumps(results))
-    return results
+        logger.close()
 
 
 def _finetune(config, student: core.TrainState, model, shardings, mesh, labeled, pipe_kw, logger,
-              workdir, run_eval, eval_step, use_ema) -> dict:
-    """Plain supervised training of the student's parameters on the labeled data."""
+              workdir, evaluator, eval_step, use_ema) -> tuple[dict, int]:
+    """Plain supervised training of the student's parameters on the labeled data;
+    returns (evaluation results, skipped examples)."""
     ft_conf = finetune_config(config)
     schedule = optim.create_schedule(ft_conf)
     tx = optim.create_optimizer(ft_conf, schedule)
@@ -696,47 +593,32 @@ def _finetune(config, student: core.TrainState, model, shardings, mesh, labeled,
             ema_batch_stats=jax.tree.map(jnp.copy, s.batch_stats) if use_ema else {}),
         out_shardings=shardings,
     )(student)
-    total = config.mpl.finetune_steps
     meta = {'model': config.model, 'param_fingerprint': tree_fingerprint(state.params),
             'dataset': config.dataset, 'seed': config.seed, 'batch_size': config.batch_size}
     ckpt = Checkpointer(os.path.join(workdir, 'finetune_checkpoints'), meta,
                         max_to_keep=config.get('keep_checkpoints', 3))
-    start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        ckpt.check_compatible(latest)
-        state = ckpt.restore(latest, state)
-        start = int(jax.device_get(state.step))
-    split = config.eval_split
-    offset = config.num_train_steps
+    split, offset = config.eval_split, config.num_train_steps
 
     def evaluate(st, step):
-        variants = [(split, eval_step, st.params, st.batch_stats)]
-        if use_ema:
-            variants.append((f'{split}_ema', eval_step, st.ema_params, st.ema_batch_stats))
-        out = run_eval([(f'{n}_finetuned', *rest) for n, *rest in variants], step)
-        return {k.removesuffix('_finetuned'): v for k, v in out.items()}
+        variants = loop.state_variants(st, f'{split}_finetuned', eval_step, use_ema)
+        out = evaluator(variants, step)
+        return {k.replace('_finetuned', ''): v for k, v in out.items()}
 
-    results: dict = {}
+    def batches(start: int):
+        return input_pipeline.create_train_iterator(
+            _weak(config.data), dataset=config.dataset, split=config.train_split,
+            global_batch_size=config.batch_size, seed=config.seed + 2, start_step=start,
+            source=labeled, **pipe_kw)
+
+    phase = loop.Phase(
+        name='finetune', state=state, evaluate=evaluate, batches=batches, checkpointer=ckpt,
+        step_fn=core.jit_train_step(core.make_train_step(model, tx, schedule, ft_conf), shardings, mesh),
+        total_steps=config.mpl.finetune_steps, sharding=core.batch_sharding(mesh), step_offset=offset,
+        prefetch=config.get('prefetch_to_device', 2), global_batch_size=config.batch_size,
+        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
+    )
     try:
-        if start < total:
-            step_fn = core.jit_train_step(core.make_train_step(model, tx, schedule, ft_conf), shardings, mesh)
-            sharding = core.batch_sharding(mesh)
-            batches = core.prefetch_to_device(
-                input_pipeline.create_train_iterator(
-                    _weak(config.data), dataset=config.dataset, split=config.train_split,
-                    global_batch_size=config.batch_size, seed=config.seed + 2, start_step=start,
-                    source=labeled, **pipe_kw),
-                sharding, size=config.get('prefetch_to_device', 2))
-            try:
-                state, reached, results = _run_loop(
-                    step_fn=step_fn, state=state, batches=batches, start_step=start, total=total,
-                    config=config, logger=logger, ckpt=ckpt, to_ckpt=lambda s: s,
-                    evaluate=evaluate, step_offset=offset, split='finetune')
-            finally:
-                batches.close()
-            if reached < total:
-                return {'preempted_at_step': reached}
+        outcome = loop.run(phase, config, logger)
     finally:
         ckpt.close()
-    return results or evaluate(state, offset + total)
+    return outcome.eval_results or evaluate(outcome.state, offset + phase.total_steps), outcome.skipped_examples

@@ -27,23 +27,6 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def write_run_files(workdir: str, config, class_names) -> None:
-    """Writes the run's `config.json` and `labels.json` into `workdir` (process 0 only).
-
-    `labels.json` is the list of class names in label order (tfds metadata names or the
-    class folders of a `folder:` dataset), so `tools/predict.py` can name the classes of
-    any run without the dataset at hand. Omitted when the dataset has no names.
-    """
-    if jax.process_index() != 0:
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    if class_names:
-        with open(os.path.join(workdir, 'labels.json'), 'w') as f:
-            json.dump(list(class_names), f, indent=1)
-
-
 class MetricsLogger:
     """Writes metric records for one run.
 
@@ -69,6 +52,37 @@ class MetricsLogger:
         else:
             self._writer = None
             self._jsonl = None
+
+    def drop_after(self, step: int) -> None:
+        """Removes the records past `step` (a resumed run logs them again from there), so
+        `metrics.jsonl` holds every step once."""
+        if not self.is_main:
+            return
+        path = os.path.join(self.workdir, 'metrics.jsonl')
+        self._jsonl.close()
+        kept, dropped = [], 0
+        with open(path) as f:
+            for line in f:
+                try:
+                    keep = int(json.loads(line)['step']) <= step
+                except (ValueError, KeyError, TypeError):
+                    keep = False  # a line cut short by a crash
+                if keep:
+                    kept.append(line if line.endswith('\n') else line + '\n')
+                else:
+                    dropped += 1
+        if dropped:
+            tmp = path + '.tmp'
+            with open(tmp, 'w') as f:
+                f.writelines(kept)
+            os.replace(tmp, path)
+            logging.info('Dropped %d metrics records past step %d (they are logged again).', dropped, step)
+        self._jsonl = open(path, 'a')
+
+    def flush(self) -> None:
+        if self.is_main:
+            self._jsonl.flush()
+            self._writer.flush()
 
     def mark(self, step: int) -> None:
         """Starts the throughput clock at `step` (after compilation, after a resume)."""

@@ -45,13 +45,13 @@ from jax.experimental import multihost_utils
 import input_pipeline
 import models
 from flaxnets_errors import ConfigError
-from trainers import core, finetune, supervised
+from trainers import configuration, core, supervised, weights
 from trainers.checkpointing import load_state_arrays
-from trainers.metrics_io import write_run_files
 from trainers.progress import Progress
+from trainers.workdir import RunOptions, open_run
 
 # Fine-tuning from pretrained weights is a supervised-trainer mode only.
-CONFIG_KEYS = (supervised.CONFIG_KEYS - supervised.FINETUNE_CONFIG_KEYS) | frozenset(
+CONFIG_KEYS = (configuration.SUPERVISED_KEYS - configuration.FINETUNE_KEYS) | frozenset(
     {'teacher', 'unlabeled_dataset', 'unlabeled_split', 'noisy_student'}
 )
 TEACHER_KEYS = frozenset({'model', 'model_kwargs', 'data', 'num_train_steps', 'checkpoint'})
@@ -169,7 +169,7 @@ def infer_logits(
 
     def finished(k: int) -> bool:
         path, entry = os.path.join(out_dir, f'shard-{k:05d}.npz'), manifest['shards'].get(str(k))
-        return bool(entry) and os.path.exists(path) and finetune.file_sha256(path) == entry['sha256']
+        return bool(entry) and os.path.exists(path) and weights.file_sha256(path) == entry['sha256']
 
     todo = [k for k in range(num_shards) if not finished(k)]
     progress = Progress(f'Pseudo-labelling {dataset} {split}', sum(
@@ -196,7 +196,7 @@ def infer_logits(
             tmp = path + '.tmp.npz'
             np.savez(tmp, index=np.arange(lo, hi), logits=logits.astype(np.float32))
             os.replace(tmp, path)
-            manifest['shards'][str(k)] = {'sha256': finetune.file_sha256(path), 'count': hi - lo}
+            manifest['shards'][str(k)] = {'sha256': weights.file_sha256(path), 'count': hi - lo}
             _atomic_write_json(manifest_path, manifest)
         done_images += hi - lo
     progress.close()
@@ -222,14 +222,7 @@ def infer_logits(
 
 def _derived(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
     """A supervised config from the Noisy Student one: NS keys dropped, `changes` set."""
-    out = ml_collections.ConfigDict(config.to_dict())
-    for key in CONFIG_KEYS - supervised.CONFIG_KEYS:
-        if key in out:
-            del out[key]
-    out.trainer = 'supervised'
-    for key, value in changes.items():
-        out[key] = value
-    return out
+    return configuration.derived(config, CONFIG_KEYS - configuration.SUPERVISED_KEYS, **changes)
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -241,20 +234,11 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-    supervised.validate_config(config, CONFIG_KEYS)
+    configuration.validate_config(config, CONFIG_KEYS)
+    configuration.check_sections(config, {'teacher': TEACHER_KEYS, 'noisy_student': NS_KEYS}, 'Noisy Student')
     b_u = int(round(config.noisy_student.unlabeled_ratio * config.batch_size))
     core.check_batch_size('batch_size', config.batch_size)
     core.check_batch_size('unlabeled_ratio * batch_size', b_u)
-    for name, known in (('teacher', TEACHER_KEYS), ('noisy_student', NS_KEYS)):
-        if name not in config:
-            raise ConfigError(f'The Noisy Student config needs a `config.{name}` section.')
-        unknown = sorted(set(config[name].keys()) - known)
-        missing = sorted(known - set(config[name].keys()))
-        if unknown or missing:
-            raise ConfigError(
-                f'config.{name}: unknown keys {unknown}, missing keys {missing}; '
-                f'expected exactly {sorted(known)}.'
-            )
 
 
 def _read_results(workdir: str) -> dict | None:
@@ -273,10 +257,10 @@ def _teacher_variables(directory: str, model_name: str, num_classes: int) -> tup
     reads: `.safetensors`, `.npz`, BiT `.npz`, PyTorch with weights_only), converted
     strictly.
     """
-    if directory.lower().endswith(finetune.WEIGHT_SUFFIXES):
-        state_dict = finetune.read_state_dict(directory)
+    if directory.lower().endswith(weights.WEIGHT_SUFFIXES):
+        state_dict = weights.read_state_dict(directory)
         variables = models.convert_state_dict(model_name, state_dict, num_classes=num_classes)
-        return variables, f'{os.path.abspath(directory)}@{finetune.file_sha256(directory)[:16]}'
+        return variables, f'{os.path.abspath(directory)}@{weights.file_sha256(directory)[:16]}'
     ckpt_dir = os.path.join(directory, 'checkpoints')
     if not os.path.isdir(ckpt_dir):
         ckpt_dir = directory
@@ -288,13 +272,11 @@ def _teacher_variables(directory: str, model_name: str, num_classes: int) -> tup
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       options: RunOptions | None = None) -> dict[str, Any]:
     """Runs (or resumes) `num_iterations` Noisy Student rounds; returns the results."""
     _validate(config)
-    ns = config.noisy_student
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
-    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
-    main = jax.process_index() == 0
 
     # The unlabeled pool: a dataset split, minus the labeled examples when it is the
     # labeled split itself (labels of the pool are never read).
@@ -306,9 +288,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         else:
             logging.warning('The unlabeled pool is the whole labeled split.')
 
+    with open_run(workdir, config, info.class_names, options):
+        return _rounds(config, workdir, info, unlabeled, options)
+
+
+def _recorded_rounds(path: str) -> set[int]:
+    """Rounds already in the top-level metrics.jsonl (a resumed run does not repeat them)."""
+    if not os.path.exists(path):
+        return set()
+    with open(path) as f:
+        return {json.loads(line)['round'] for line in f if '"split": "round"' in line}
+
+
+def _rounds(config, workdir: str, info, unlabeled, options) -> dict[str, Any]:
+    ns = config.noisy_student
+    eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
+    main = jax.process_index() == 0
     rounds: list[dict] = []
     summary_path = os.path.join(workdir, 'metrics.jsonl')
-    write_run_files(workdir, config, info.class_names)
+    recorded = _recorded_rounds(summary_path) if main else set()
 
     # Round 0's teacher.
     if config.teacher.checkpoint:
@@ -319,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         teacher_dir = os.path.join(workdir, 'round_0', 'teacher')
         results = _read_results(teacher_dir)
         if results is None or results.get('step') != config.teacher.num_train_steps:
-            results = supervised.train_and_evaluate(teacher_config(config), teacher_dir)
+            results = supervised.train_and_evaluate(teacher_config(config), teacher_dir, options=options)
         teacher_model_name, teacher_kwargs = config.teacher.model, config.teacher.model_kwargs
         teacher_top1 = results['top1']
 
@@ -363,11 +361,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             student_results = supervised.train_and_evaluate(
                 _derived(config), student_dir,
                 train_iterator_fn=mixed_iterator_fn(config, pseudo, info.num_classes, seed_offset=r),
+                options=options,
             )
         record = {'round': r, 'teacher_top1': teacher_top1, 'student_top1': student_results['top1'],
                   'num_pseudo_labeled': int(len(selected)), 'histogram_after': after.tolist()}
         rounds.append(record)
-        if main:
+        if main and r not in recorded:
             with open(summary_path, 'a') as f:
                 f.write(json.dumps({'step': r, 'split': 'round', **record}) + '\n')
         logging.info('Round %d: teacher top1 %s, student top1 %.4f', r, teacher_top1, student_results['top1'])
@@ -399,7 +398,7 @@ def mixed_iterator_fn(config, pseudo, num_classes: int, seed_offset: int = 0):
     def make(start_step: int, pipe_kw: dict):
         labeled = input_pipeline.create_train_iterator(
             config.data, dataset=config.dataset, split=config.train_split, global_batch_size=b_l,
-            seed=config.seed, start_step=start_step, source=supervised.labeled_source(config),
+            seed=config.seed, start_step=start_step, source=configuration.labeled_source(config),
             **pipe_kw,
         )
         unlabeled = input_pipeline.create_train_iterator(

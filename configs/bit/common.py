@@ -18,9 +18,8 @@ import dataclasses
 import re
 
 import ml_collections
-from ml_collections.config_dict import placeholder
 
-import input_pipeline
+from configs import common as configs_common
 
 # Sec. 3.3.
 GLOBAL_BATCH = 4096
@@ -42,6 +41,8 @@ REGISTERED = {(50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4)}
 # as overrides. (The registered BiT names cannot take a width_factor override: their
 # factory passes it positionally.)
 BIT_OVERRIDES = dict(norm='group', weight_std=True, stem_type='fixed')
+# The create_model overrides the upstream configs offer (unset unless the variant sets them).
+MODEL_KWARGS = ('norm', 'weight_std', 'width_factor', 'stem_type', 'drop_rate', 'drop_path_rate')
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
@@ -115,77 +116,37 @@ def parse_arg(arg: str) -> dict[str, str]:
 
 
 def upstream_config(
-    *,
-    variant: str,
-    dataset: str,
-    train_split: str,
-    eval_split: str,
-    num_images: int,
+    arg: str, *, dataset: str, eval_split: str, num_images: int
 ) -> ml_collections.ConfigDict:
-    """The paper's upstream recipe for `variant` on `dataset` of `num_images` training images."""
-    model, overrides = parse_variant(variant)
-    sched = epoch_schedule(num_images, GLOBAL_BATCH)
-
-    config = ml_collections.ConfigDict()
-    config.trainer = 'supervised'
-    config.model = model
-    # Overrides passed to models.create_model; unset (None) fields keep the model's default.
-    config.model_kwargs = ml_collections.ConfigDict(
-        dict(
-            norm=placeholder(str),
-            weight_std=placeholder(bool),
-            width_factor=placeholder(int),
-            stem_type=placeholder(str),
-            drop_rate=placeholder(float),
-            drop_path_rate=placeholder(float),
-        )
-    )
-    for key, value in overrides.items():
-        config.model_kwargs[key] = value
-    config.dataset = dataset
-    config.train_split = train_split
-    config.eval_split = eval_split
-    config.image_size = RESOLUTION
-
-    config.data = input_pipeline.default_data_config()
+    """The paper's upstream recipe for the config argument `arg` (`parse_arg`: the variant,
+    optionally `images=N`) on the 'train' split of `dataset`, of `num_images` images
+    unless `arg` says otherwise."""
+    args = parse_arg(arg)
+    model, overrides = parse_variant(args['variant'])
+    sched = epoch_schedule(int(args.get('images', num_images)), GLOBAL_BATCH)
     # Inception crop (8-100% of the area, aspect 3/4-4/3: Szegedy et al. 2015, the paper's
     # [53]) resized to 224, random horizontal flip; pixels to [-1, 1] through the BiT
     # models' mean = std = 0.5 (big_vision: value_range(-1, 1)). Evaluation: resize the
     # shorter side to 256, centre crop 224 (big_vision: resize_small(256)|central_crop(224)).
-    config.data.preprocess = 'imagenet'
-    config.data.train_augment = 'inception_crop'
-    config.data.inception_scale = (0.08, 1.0)
-    config.data.inception_ratio = (3.0 / 4.0, 4.0 / 3.0)
-    config.data.flip = True
-    config.data.crop_pct = 0.875
-    config.data.interpolation = 'bilinear'
-
-    config.seed = 0
-    config.batch_size = GLOBAL_BATCH
-    config.eval_batch_size = GLOBAL_BATCH
-    config.num_train_steps = sched.num_train_steps
-    config.log_every_steps = 50
-    config.eval_every_steps = int(10 * sched.steps_per_epoch)
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
-
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name='sgd', momentum=MOMENTUM, nesterov=False, weight_decay=WEIGHT_DECAY)
+    data = configs_common.data_config(
+        **configs_common.IMAGENET_DATA, inception_scale=(0.08, 1.0),
+        inception_ratio=(3.0 / 4.0, 4.0 / 3.0), interpolation='bilinear',
     )
-    config.learning_rate = BASE_LR
-    config.lr_base_batch_size = LR_BASE_BATCH
-    config.schedule = ml_collections.ConfigDict(
-        dict(
-            name='step',
-            warmup_steps=sched.warmup_steps,
-            boundaries=sched.boundaries,
-            decay_factor=0.1,
-        )
+    config = configs_common.supervised_config(
+        model=model, model_kwargs=configs_common.model_kwargs(MODEL_KWARGS),
+        dataset=dataset, train_split='train', eval_split=eval_split,
+        image_size=RESOLUTION, data=data,
+        batch_size=GLOBAL_BATCH, eval_batch_size=GLOBAL_BATCH,
+        num_train_steps=sched.num_train_steps,
+        log_every_steps=50, eval_every_steps=int(10 * sched.steps_per_epoch),
+        checkpoint_every_steps=1000, keep_checkpoints=3,
+        optimizer=configs_common.sgd(WEIGHT_DECAY, momentum=MOMENTUM),
+        learning_rate=BASE_LR, lr_base_batch_size=LR_BASE_BATCH,
+        schedule=configs_common.step_schedule(sched.warmup_steps, sched.boundaries),
     )
-    config.label_smoothing = 0.0
-    config.ema_decay = 0.0
-    config.grad_clip_norm = 0.0
-    config.compute_dtype = 'float32'
-    config.shard_params = False
-    config.prefetch_to_device = 2
+    for key, value in overrides.items():
+        config.model_kwargs[key] = value
+    # The upstream configs have no compilation_cache_dir field: train.py then uses the
+    # per-user cache (as for None), and the command line cannot set it.
+    del config['compilation_cache_dir']
     return config

@@ -43,7 +43,7 @@ other work, plus start-up.
 
 import ml_collections
 
-from configs import bit_finetune
+from configs import bit_finetune, common
 from configs.bit import mnist5k_upstream
 from trainers import hyperrule
 
@@ -65,43 +65,31 @@ def parse_arg(arg: str) -> tuple[str, str]:
 
 def get_config(arg: str = 'gn,10') -> ml_collections.ConfigDict:
     norm, shots = parse_arg(arg)
-    config = bit_finetune.get_config()
+    config = bit_finetune.get_config()  # BiT-HyperRule optimizer, LR and zero-initialised head
     net = mnist5k_upstream.model_config(norm)
     config.model = net.model
     config.model_kwargs = net.model_kwargs
 
     config.dataset = 'digits'
-    config.train_split = 'train'
-    config.eval_split = 'test'
     config.labeled_per_class = 0 if shots == 'full' else int(shots)
     examples = DIGITS_TRAIN if shots == 'full' else int(shots) * DIGITS_CLASSES
 
     config.hyperrule = ''  # applied below, at the pre-training resolution
     rule = hyperrule.bit_hyperrule(examples, (8, 8))
     config.num_train_steps = rule.num_steps
-    config.schedule = ml_collections.ConfigDict(
-        dict(
-            name='step',
-            warmup_steps=rule.warmup_steps,
-            boundaries=rule.boundaries,
-            decay_factor=0.1,
-        )
-    )
+    config.schedule = common.step_schedule(rule.warmup_steps, rule.boundaries)
     config.data.mixup_alpha = rule.mixup_alpha
+    # default.py's 'small' preprocessing and 2-pixel translations, from 20 x 20 digits.
     config.image_size = 32
-    config.data.preprocess = 'small'
     config.data.source_size = 20
     config.data.interpolation = 'bilinear'
-    config.data.train_augment = 'random_crop'
-    config.data.crop_padding = 2
     config.data.flip = False  # digits are not mirror-symmetric
 
     config.batch_size = BATCH  # learning_rate 0.003 stays quoted at lr_base_batch_size 512
     config.eval_batch_size = 400
     config.finetune.reinit_head = 'always'
-    config.finetune.head_init = 'zeros'
-    config.log_every_steps = 100
-    config.eval_every_steps = rule.num_steps
-    config.checkpoint_every_steps = rule.num_steps
-    config.keep_checkpoints = 1
+    config.update(
+        log_every_steps=100, eval_every_steps=rule.num_steps,
+        checkpoint_every_steps=rule.num_steps, keep_checkpoints=1,
+    )
     return config

@@ -30,7 +30,8 @@ Expected result (held-out top-1 on the 1,000 mnist5k test digits, seeds 0/1/2): 
 
 import ml_collections
 
-from configs import default
+from configs import common, default
+from configs.bit import common as bit
 from trainers import finetune
 
 # The small ResNet-v2 every arm of the demonstration uses (model_kwargs overrides).
@@ -43,6 +44,7 @@ EPOCHS = 30
 # BiT: 5,000 warmup steps of 28,150; decays after 30, 60, 80 of 90 epochs.
 WARMUP_FRACTION = 5000 / 28150
 DECAY_FRACTIONS = (30 / 90, 60 / 90, 80 / 90)
+STEPS = -(-EPOCHS * TRAIN_IMAGES // BATCH)  # 938: every image seen 30 times
 
 
 def model_config(norm: str) -> ml_collections.ConfigDict:
@@ -57,32 +59,17 @@ def model_config(norm: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = 'gn') -> ml_collections.ConfigDict:
+    # default.py's data (2-pixel translations, no flip) and evaluation batch of 500.
     config = finetune.add_config_fields(model_config(arg))
     config.image_size = 32  # mnist 28 x 28 zero-padded to 32, as for LeNet-5
-    config.data.preprocess = 'small'
-    config.data.train_augment = 'random_crop'
-    config.data.crop_padding = 2
-    config.data.flip = False
-
     config.batch_size = BATCH
-    config.eval_batch_size = 500
-    steps = -(-EPOCHS * TRAIN_IMAGES // BATCH)  # 938: every image seen 30 times
-    config.num_train_steps = steps
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name='sgd', momentum=0.9, nesterov=False, weight_decay=1e-4)
+    config.num_train_steps = STEPS
+    config.optimizer = common.sgd(bit.WEIGHT_DECAY, momentum=bit.MOMENTUM)
+    config.learning_rate = bit.BASE_LR
+    config.lr_base_batch_size = bit.LR_BASE_BATCH
+    config.schedule = common.step_schedule(
+        round(WARMUP_FRACTION * STEPS), tuple(round(f * STEPS) for f in DECAY_FRACTIONS)
     )
-    config.learning_rate = 0.03
-    config.lr_base_batch_size = 256
-    config.schedule = ml_collections.ConfigDict(
-        dict(
-            name='step',
-            warmup_steps=round(WARMUP_FRACTION * steps),
-            boundaries=tuple(round(f * steps) for f in DECAY_FRACTIONS),
-            decay_factor=0.1,
-        )
-    )
-    config.log_every_steps = 100
-    config.eval_every_steps = steps
-    config.checkpoint_every_steps = steps
+    config.update(log_every_steps=100, eval_every_steps=STEPS, checkpoint_every_steps=STEPS)
     config.keep_checkpoints = 1
     return config

@@ -58,11 +58,6 @@ TRAIN_IMAGES = 1_281_167  # ILSVRC-2012 train split (tfds imagenet2012 'train')
 
 
 def get_config(arg: str = 'R50x1') -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg)
     return common.upstream_config(
-        variant=args['variant'],
-        dataset='imagenet2012',
-        train_split='train',
-        eval_split='validation',
-        num_images=int(args.get('images', TRAIN_IMAGES)),
+        arg, dataset='imagenet2012', eval_split='validation', num_images=TRAIN_IMAGES
     )

@@ -56,11 +56,6 @@ TRAIN_IMAGES = 14_197_122  # ImageNet-21k fall 2011 release, all images
 
 
 def get_config(arg: str = 'R50x1') -> ml_collections.ConfigDict:
-    args = common.parse_arg(arg)
     return common.upstream_config(
-        variant=args['variant'],
-        dataset='folder:/data/imagenet21k',
-        train_split='train',
-        eval_split='validation',
-        num_images=int(args.get('images', TRAIN_IMAGES)),
+        arg, dataset='folder:/data/imagenet21k', eval_split='validation', num_images=TRAIN_IMAGES
     )

@@ -27,7 +27,7 @@ CPU (30 s of it training).
 
 import ml_collections
 
-from configs import default
+from configs import common, default
 from trainers import finetune
 
 
@@ -37,12 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.labeled_per_class = 10
     config.data.source_size = 20
     config.data.interpolation = 'bilinear'
-    config.batch_size = 50
-    config.eval_batch_size = 400
-    config.num_train_steps = 300
-    config.learning_rate = 0.01
-    config.schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=0))
-    config.log_every_steps = 50
-    config.eval_every_steps = 100
-    config.checkpoint_every_steps = 100
+    config.update(batch_size=50, eval_batch_size=400, num_train_steps=300, learning_rate=0.01)
+    config.schedule = common.cosine(warmup_steps=0)
+    config.update(log_every_steps=50, eval_every_steps=100, checkpoint_every_steps=100)
     return config

@@ -27,63 +27,38 @@ steps of two WRN-28-2 take days on one accelerator).
 
 import ml_collections
 
-from configs import default
+from configs import common, default
 
 
 def get_config() -> ml_collections.ConfigDict:
+    # default.py's splits ('train' / 'test'), 'small' preprocessing with random crops and
+    # evaluation batch of 500, no gradient clipping; the rest is set here.
     config = default.get_config()
     config.trainer = 'mpl'
     config.dataset = 'cifar10'
-    config.train_split = 'train'
-    config.eval_split = 'test'
     config.labeled_per_class = 400
     config.image_size = 32
 
     config.model = 'wrn28_2'
     config.model_kwargs.drop_rate = 0.2
-    config.teacher_model = 'wrn28_2'
-    config.teacher_model_kwargs = ml_collections.ConfigDict(dict(config.model_kwargs))
-
-    config.data.preprocess = 'small'
-    config.data.train_augment = 'random_crop'
     config.data.crop_padding = 4
     config.data.flip = True
-    config.data.randaugment_layers = 2
-    config.data.randaugment_magnitude = 16.0
-    config.data.randaugment_ops = 'imagenet'
+    common.randaugment(config.data, layers=2, magnitude=16.0, ops='imagenet')
 
-    config.batch_size = 128
-    config.unlabeled_ratio = 7.0
-    config.eval_batch_size = 500
-    config.num_train_steps = 300_000
-    config.log_every_steps = 100
-    config.eval_every_steps = 5_000
-    config.checkpoint_every_steps = 1_000
-
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name='sgd', momentum=0.9, nesterov=True, weight_decay=5e-4)
-    )
+    config.update(batch_size=128, unlabeled_ratio=7.0, num_train_steps=300_000)
+    config.update(log_every_steps=100, eval_every_steps=5_000, checkpoint_every_steps=1_000)
+    config.optimizer = common.sgd(5e-4, nesterov=True)
     config.learning_rate = 0.1
     config.lr_base_batch_size = 0
-    config.schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=5_000))
-    config.teacher_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
-    config.teacher_learning_rate = 0.1
-    config.teacher_schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=5_000))
-    config.label_smoothing = 0.15
-    config.ema_decay = 0.995
-    config.grad_clip_norm = 0.0
+    config.schedule = common.cosine(warmup_steps=5_000)
+    config.update(label_smoothing=0.15, ema_decay=0.995)
+    common.mpl_teacher(config, learning_rate=0.1, schedule=common.cosine(warmup_steps=5_000))
 
-    config.mpl = ml_collections.ConfigDict(dict(
-        pseudo_label='hard_sample',
-        reward='loss_difference',
-        reward_baseline_decay=0.99,  # official: moving_dot_product -= 0.01 * (moving - h)
-        reward_sign=1.0,
-        student_wait_steps=3_000,
-        finetune_steps=8_000,
+    config.mpl = common.mpl(
+        # official: moving_dot_product -= 0.01 * (moving - h)
+        reward_baseline_decay=0.99, student_wait_steps=3_000, finetune_steps=8_000,
         finetune_learning_rate=8e-5,
         finetune_schedule=ml_collections.ConfigDict(dict(name='constant', warmup_steps=0)),
-    ))
-    config.uda = ml_collections.ConfigDict(dict(
-        weight=8.0, threshold=0.6, temperature=0.7, warmup_steps=5_000,
-    ))
+    )
+    config.uda = common.uda(warmup_steps=5_000)
     return config

@@ -31,49 +31,28 @@ on a 2-core CPU (an MPL step costs ~3.5 supervised steps on the same 160 images)
 
 import ml_collections
 
-from configs import default
+from configs import common, default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = default.get_config()
+    config = default.get_config()  # LeNet-5 and its SGD; 100/500/500-step cadence
     config.trainer = 'mpl'
     config.labeled_per_class = 25
 
     # The student: config.model / model_kwargs / optimizer / learning_rate / schedule.
-    config.model = 'lenet5'
     config.model_kwargs.drop_rate = 0.2
+    config.learning_rate = 0.05
+    config.schedule = common.cosine(warmup_steps=100)
     # The teacher.
-    config.teacher_model = 'lenet5'
-    config.teacher_model_kwargs = ml_collections.ConfigDict(dict(config.model_kwargs))
-    config.teacher_optimizer = ml_collections.ConfigDict(config.optimizer.to_dict())
-    config.teacher_learning_rate = 0.01
-    config.teacher_schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=100))
+    common.mpl_teacher(config, learning_rate=0.01, schedule=common.cosine(warmup_steps=100))
 
     # config.data is the strong view; the weak view drops RandAugment.
-    config.data.randaugment_layers = 2
-    config.data.randaugment_magnitude = 9.0
-    config.data.randaugment_ops = 'digits'
+    common.randaugment(config.data, layers=2, magnitude=9.0, ops='digits')
+    config.update(batch_size=32, unlabeled_ratio=4.0, num_train_steps=1500)
 
-    config.batch_size = 32
-    config.unlabeled_ratio = 4.0
-    config.num_train_steps = 1500
-    config.learning_rate = 0.05
-    config.schedule = ml_collections.ConfigDict(dict(name='cosine', warmup_steps=100))
-    config.log_every_steps = 100
-    config.eval_every_steps = 500
-    config.checkpoint_every_steps = 500
-
-    config.mpl = ml_collections.ConfigDict(dict(
-        pseudo_label='hard_sample',  # 'hard_sample' | 'hard_argmax' | 'soft'
-        reward='loss_difference',  # 'loss_difference' | 'dot_product'
-        reward_baseline_decay=0.0,  # 0: no moving-average baseline
-        reward_sign=1.0,
-        student_wait_steps=100,
-        finetune_steps=300,
-        finetune_learning_rate=0.01,
-        finetune_schedule=ml_collections.ConfigDict(dict(name='cosine', warmup_steps=0)),
-    ))
-    config.uda = ml_collections.ConfigDict(dict(
-        weight=8.0, threshold=0.6, temperature=0.7, warmup_steps=300,
-    ))
+    config.mpl = common.mpl(
+        student_wait_steps=100, finetune_steps=300, finetune_learning_rate=0.01,
+        finetune_schedule=common.cosine(warmup_steps=0),
+    )
+    config.uda = common.uda(warmup_steps=300)
     return config

@@ -26,7 +26,7 @@ gain is smaller. Time: not measured here (no accelerator); the student step cost
 
 import ml_collections
 
-from configs import effnet_b0
+from configs import common, effnet_b0
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -36,33 +36,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.unlabeled_dataset = 'imagenet2012'
     config.unlabeled_split = 'train'
 
-    teacher_data = effnet_b0.get_config().data
-    config.teacher = ml_collections.ConfigDict(dict(
-        model='tf_efficientnet_b0',
-        model_kwargs=ml_collections.ConfigDict(dict(drop_rate=0.2, drop_path_rate=0.2)),
-        data=teacher_data,
-        num_train_steps=config.num_train_steps,
-        checkpoint='',
-    ))
+    config.teacher = common.noisy_student_teacher(
+        'tf_efficientnet_b0', dict(drop_rate=0.2, drop_path_rate=0.2),
+        effnet_b0.get_config().data, num_train_steps=config.num_train_steps,
+    )
 
     config.model = 'tf_efficientnet_b0'
     config.model_kwargs.drop_rate = 0.5
     config.model_kwargs.drop_path_rate = 0.2
     config.data.autoaugment = ''
-    config.data.randaugment_layers = 2
-    config.data.randaugment_magnitude = 27.0
-    config.data.randaugment_ops = 'imagenet'
+    common.randaugment(config.data, layers=2, magnitude=27.0, ops='imagenet')
     # 4096 labeled images per step would make a 61k-image combined batch; keep the
     # combined batch at the recipe's 4096 with ratio 14: 256 labeled + 3,584 pseudo.
     config.batch_size = 256
-    config.noisy_student = ml_collections.ConfigDict(dict(
-        num_iterations=1,
-        min_confidence=0.3,
-        images_per_class=130_000,
-        soft_labels=True,
-        temperature=1.0,
-        unlabeled_ratio=14.0,
-        unlabeled_weight=1.0,
+    config.noisy_student = common.noisy_student(
+        num_iterations=1, min_confidence=0.3, images_per_class=130_000, unlabeled_ratio=14.0,
         inference_shard_size=50_000,
-    ))
+    )
     return config
