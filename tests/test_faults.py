@@ -257,3 +257,34 @@ def test_full_disk_stops_at_the_failed_save(data_dir, small_disk):
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
     rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
     assert max(r['step'] for r in rows) <= 5  # no training past the failed save
+
+
+def test_signal_on_one_process_stops_both_at_one_step(data_dir, tmp_path):
+    """Two processes (jax.distributed on 127.0.0.1): SIGTERM to process 1 only; both save
+    the same step and exit 75."""
+    from conftest import free_port
+
+    workdir = str(tmp_path / 'run')
+    port = free_port()
+    env = dict(os.environ, XLA_FLAGS=f'{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count=2',
+               JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    args = _args(data_dir, workdir, num_train_steps=100_000, log_every_steps=4,
+                 eval_every_steps=100_000, checkpoint_every_steps=100_000)
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(REPO, 'train.py'), *args, f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}'],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        _wait_for_train_rows(workdir, procs[0], 2)
+        procs[1].send_signal(signal.SIGTERM)
+        results = [_finish(p) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for code, err in results:
+        assert code == loop.EXIT_RESUMABLE, err[-3000:]
+    assert 'SIGTERM received' in results[1][1] and 'signal on another process' in results[0][1]
+    steps = {int(_error_lines(err)[-1].split('stopped at step ')[1].split()[0]) for _, err in results}
+    saved, _ = load_state_arrays(os.path.join(workdir, 'checkpoints'))
+    assert steps == {saved} and saved % 4 == 0  # agreed at a log step

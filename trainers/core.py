@@ -306,6 +306,51 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 # ----------------------------------------------------------------------------- steps
 
 
+def _frozen_norm_interceptor(frozen_stats: Any):
+    """A flax method interceptor that runs the BatchNorm layers marked in `frozen_stats`
+    as unbound eval-mode copies on their own variables (None when none is frozen)."""
+    frozen_norms = frozenset(
+        tuple(p.key for p in path[:-1])
+        for path, frozen in jax.tree_util.tree_leaves_with_path(frozen_stats or {}) if frozen
+    )
+    if not frozen_norms:
+        return None
+
+    def eval_mode_frozen_norms(next_fun, args, kwargs, context):
+        norm = context.module
+        if (context.method_name == '__call__' and isinstance(norm, flax.linen.BatchNorm)
+                and tuple(norm.path) in frozen_norms):
+            variables = {k: norm.variables[k] for k in ('params', 'batch_stats') if k in norm.variables}
+            return norm.clone(parent=None, use_running_average=True).apply(variables, *args, **kwargs)
+        return next_fun(*args, **kwargs)
+
+    return eval_mode_frozen_norms
+
+
+def batch_loss(per_example: jax.Array, batch: dict) -> jax.Array:
+    """The step's loss from per-example losses.
+
+    With 'weight' (teacher-student batches: per-example weights that sum to the intended
+    normalisation) the weighted sum; otherwise the mean. Examples whose 'valid' is 0 (an
+    image that could not be decoded, replaced by a stand-in) count for nothing: the mean
+    is over the valid ones, and weights are rescaled to keep their sum.
+    """
+    if 'valid' not in batch:
+        return jnp.sum(per_example * batch['weight']) if 'weight' in batch else per_example.mean()
+    valid = batch['valid'].astype(jnp.float32)
+    if 'weight' in batch:
+        w = batch['weight'] * valid
+        return jnp.sum(per_example * w) * (jnp.sum(batch['weight']) / jnp.maximum(jnp.sum(w), 1e-12))
+    return jnp.sum(per_example * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def ema_update(decay: float, state: TrainState, params: Any, batch_stats: Any) -> dict:
+    """The EMA fields after a step (an exponential moving average of params and stats)."""
+    ema = lambda e, x: decay * e + (1.0 - decay) * x  # noqa: E731
+    return dict(ema_params=jax.tree.map(ema, state.ema_params, params),
+                ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, batch_stats))
+
+
 def make_train_step(
     model: flax.linen.Module,
     tx: optax.GradientTransformation,
@@ -318,9 +363,10 @@ def make_train_step(
     """The pure supervised step: (state, batch) -> (state, metrics). Not yet jitted.
 
     The batch holds 'image' and 'label', optionally 'targets' (soft targets, used for the
-    loss instead of 'label') and 'weight' (per-example loss weights that sum to the
-    intended normalisation; without it the loss is the batch mean). Teacher-student
-    trainers feed labeled and pseudo-labeled examples through this same step that way.
+    loss instead of 'label'), 'weight' (per-example loss weights) and 'valid' (0 for an
+    undecodable example's stand-in); see `batch_loss`. Teacher-student trainers feed
+    labeled and pseudo-labeled examples through this same step that way. With 'valid',
+    the metrics count the skipped examples ('skipped').
 
     Dropout and stochastic-depth randomness comes from fold_in(seed, step), so a resumed
     run draws exactly what the uninterrupted run drew.
@@ -338,20 +384,7 @@ def make_train_step(
     base_rng = jax.random.key(config.seed)
     label_smoothing = config.get('label_smoothing', 0.0)
     ema_decay = config.get('ema_decay', 0.0)
-
-    frozen_norms = frozenset(
-        tuple(p.key for p in path[:-1])
-        for path, frozen in jax.tree_util.tree_leaves_with_path(frozen_stats or {}) if frozen
-    )
-
-    def eval_mode_frozen_norms(next_fun, args, kwargs, context):
-        """Runs a frozen BatchNorm as an unbound eval-mode copy on its own variables."""
-        norm = context.module
-        if (context.method_name == '__call__' and isinstance(norm, flax.linen.BatchNorm)
-                and tuple(norm.path) in frozen_norms):
-            variables = {k: norm.variables[k] for k in ('params', 'batch_stats') if k in norm.variables}
-            return norm.clone(parent=None, use_running_average=True).apply(variables, *args, **kwargs)
-        return next_fun(*args, **kwargs)
+    interceptor = _frozen_norm_interceptor(frozen_stats)
 
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(base_rng, state.step)
@@ -363,21 +396,13 @@ def make_train_step(
                 params = jax.tree.map(
                     lambda frozen, p: jax.lax.stop_gradient(p) if frozen else p, frozen_params, params
                 )
-            with (flax.linen.intercept_methods(eval_mode_frozen_norms) if frozen_norms
+            with (flax.linen.intercept_methods(interceptor) if interceptor
                   else contextlib.nullcontext()):
                 out, mutated = model.apply(
-                    model_variables(params, state.batch_stats),
-                    batch['image'],
-                    train=True,
-                    mutable=['batch_stats'] if has_bn else [],
-                    rngs={'dropout': rng},
+                    model_variables(params, state.batch_stats), batch['image'], train=True,
+                    mutable=['batch_stats'] if has_bn else [], rngs={'dropout': rng},
                 )
-            per_example = example_losses(out, batch, label_smoothing)
-            if 'weight' in batch:
-                loss = jnp.sum(per_example * batch['weight'])
-            else:
-                loss = per_example.mean()
-            return loss, (out, mutated)
+            return batch_loss(example_losses(out, batch, label_smoothing), batch), (out, mutated)
 
         (loss, (logits, mutated)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -387,18 +412,19 @@ def make_train_step(
             step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
         )
         if ema_decay:
-            ema = lambda e, x: ema_decay * e + (1.0 - ema_decay) * x  # noqa: E731
-            new = new.replace(
-                ema_params=jax.tree.map(ema, state.ema_params, params),
-                ema_batch_stats=jax.tree.map(ema, state.ema_batch_stats, batch_stats),
-            )
+            new = new.replace(**ema_update(ema_decay, state, params, batch_stats))
+        correct = topk_correct(logits, batch['label'], 1)
         metrics = {
             'loss': loss,
-            'top1': topk_correct(logits, batch['label'], 1).mean(),
+            'top1': correct.mean(),
             'grad_norm': optax.global_norm(grads),
             'param_norm': optax.global_norm(params),
             'lr': schedule(state.step),
         }
+        if 'valid' in batch:
+            valid = batch['valid'].astype(jnp.float32)
+            metrics['top1'] = jnp.sum(correct * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+            metrics['skipped'] = jnp.sum(1.0 - valid)
         return new, metrics
 
     return step_fn

@@ -75,10 +75,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -89,9 +88,21 @@ from absl import logging
 import input_pipeline
 import models
 from flaxnets_errors import ConfigError
-from trainers import configuration, core, loop, optim
+from trainers import configuration, core, loop, mpl_step, optim
 from trainers.checkpointing import Checkpointer, tree_fingerprint
 from trainers.metrics_io import MetricsLogger
+from trainers.mpl_step import (  # noqa: F401 - the step and its parts, under this trainer's name
+    MPLState,
+    apply_reward_baseline,
+    dot_product_reward,
+    loss_difference_reward,
+    make_mpl_step,
+    mpl_teacher_loss,
+    pseudo_label_targets,
+    soft_mpl_teacher_loss,
+    uda_loss,
+    uda_weight,
+)
 from trainers.progress import LogCompilation
 from trainers.workdir import RunOptions, open_run
 
@@ -105,247 +116,8 @@ MPL_KEYS = frozenset({
     'finetune_steps', 'finetune_learning_rate', 'finetune_schedule',
 })
 UDA_KEYS = frozenset({'weight', 'threshold', 'temperature', 'warmup_steps'})
-PSEUDO_LABELS = ('hard_sample', 'hard_argmax', 'soft')
+PSEUDO_LABELS = mpl_step.PSEUDO_LABELS
 REWARDS = ('loss_difference', 'dot_product')
-
-
-class MPLState(flax.struct.PyTreeNode):
-    """Teacher and student states and the reward baseline; `student.step` is the step."""
-
-    teacher: core.TrainState
-    student: core.TrainState
-    reward_baseline: jax.Array
-
-
-# ----------------------------------------------------------------------------- pure parts
-
-
-def loss_difference_reward(loss_before: jax.Array, loss_after: jax.Array) -> jax.Array:
-    """h = L_l(S) - L_l(S'): positive when learning from the pseudo-labels helped."""
-    return loss_before - loss_after
-
-
-def dot_product_reward(grad_labeled_after: Any, grad_unlabeled: Any, eta) -> jax.Array:
-    """h = eta * grad_S L_l(S') . grad_S CE(y_hat, S(u)) (paper, Eq. 12, first order).
-
-    For the SGD step S' = S - eta * grad CE(y_hat, S(u)), L_l(S) - L_l(S') equals this
-    up to O(eta^2) (Taylor expansion of L_l around S').
-    """
-    dots = jax.tree.map(lambda a, b: jnp.vdot(a, b), grad_labeled_after, grad_unlabeled)
-    return eta * sum(jax.tree.leaves(dots))
-
-
-def apply_reward_baseline(reward: jax.Array, baseline: jax.Array, decay: float):
-    """Returns (reward - new baseline, new baseline), the baseline an exponential moving
-    average of the reward (official code: decay 0.99, updated before it is subtracted).
-    decay 0 turns it off (the reward is returned unchanged, the baseline stays 0)."""
-    if not decay:
-        return reward, baseline
-    new = decay * baseline + (1.0 - decay) * reward
-    return reward - new, new
-
-
-def mpl_teacher_loss(teacher_logits_u: jax.Array, pseudo_labels: jax.Array, reward) -> jax.Array:
-    """The teacher's MPL term h * mean_i CE(y_hat_i, T(u_i)).
-
-    Args:
-      teacher_logits_u: (n, K) teacher logits on the (strongly augmented) unlabeled images.
-      pseudo_labels: (n, K) one-hot pseudo-labels (constants).
-      reward: scalar h; no gradient flows through it.
-
-    Its gradient, -h * grad_T log p_T(y_hat | u), is the REINFORCE estimate of the
-    gradient of E_{y_hat ~ p_T}[L_l(S'(y_hat))] when h = L_l(S) - L_l(S').
-    """
-    ce = optax.softmax_cross_entropy(teacher_logits_u, jax.lax.stop_gradient(pseudo_labels))
-    return jax.lax.stop_gradient(reward) * ce.mean()
-
-
-def soft_mpl_teacher_loss(teacher_probs_u: jax.Array, coefficients: jax.Array, eta) -> jax.Array:
-    """First-order change of L_l for soft pseudo-labels: eta * mean_i sum_k p_ik c_ik.
-
-    Args:
-      teacher_probs_u: (n, K) the student's soft targets as a function of T.
-      coefficients: (n, K) c_ik = grad_S log softmax(S(u_i))_k . grad_S L_l(S') (constants).
-      eta: the student's learning rate.
-    """
-    c = jax.lax.stop_gradient(coefficients)
-    return eta * jnp.mean(jnp.sum(teacher_probs_u * c, axis=-1))
-
-
-def uda_loss(logits_weak: jax.Array, logits_strong: jax.Array, threshold: float, temperature: float):
-    """UDA consistency (Xie et al. 2020) as the MPL code uses it.
-
-    Targets p = stop_gradient(softmax(logits_weak / temperature)); examples with
-    max(p) < threshold are masked out; loss = sum_i mask_i KL(p_i || softmax(logits_strong_i))
-    / n (the mean over *all* n unlabeled examples, as the official code divides by the
-    unlabeled batch size). Returns (loss, fraction of examples kept).
-    """
-    p = jax.lax.stop_gradient(jax.nn.softmax(logits_weak.astype(jnp.float32) / temperature))
-    mask = (jnp.max(p, axis=-1) >= threshold).astype(jnp.float32)
-    log_q = jax.nn.log_softmax(logits_strong.astype(jnp.float32))
-    kl = jnp.sum(p * (jnp.log(jnp.clip(p, 1e-30)) - log_q), axis=-1)
-    return jnp.sum(kl * mask) / logits_weak.shape[0], mask.mean()
-
-
-def uda_weight(step, weight: float, warmup_steps: int):
-    """weight * min(1, step / warmup_steps) (official: `uda_steps`)."""
-    if not warmup_steps:
-        return jnp.asarray(weight, jnp.float32)
-    return weight * jnp.minimum(1.0, step.astype(jnp.float32) / warmup_steps)
-
-
-def pseudo_label_targets(kind: str, teacher_logits_u: jax.Array, rng: jax.Array) -> jax.Array:
-    """(n, K) student targets from the teacher's logits (treated as constants)."""
-    logits = jax.lax.stop_gradient(teacher_logits_u.astype(jnp.float32))
-    num_classes = logits.shape[-1]
-    if kind == 'hard_sample':
-        return jax.nn.one_hot(jax.random.categorical(rng, logits), num_classes)
-    if kind == 'hard_argmax':
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), num_classes)
-    if kind == 'soft':
-        return jax.nn.softmax(logits)
-    raise ConfigError(f'config.mpl.pseudo_label={kind!r}; use one of {PSEUDO_LABELS}.')
-
-
-def _smooth(targets: jax.Array, label_smoothing: float) -> jax.Array:
-    if not label_smoothing:
-        return targets
-    return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[-1]
-
-
-# ----------------------------------------------------------------------------- the step
-
-
-def _apply(model, params, batch_stats, images, rng):
-    """Training-mode forward; returns (float32 logits, updated batch stats)."""
-    has_bn = bool(batch_stats)
-    out, mutated = model.apply(
-        core.model_variables(core.gathered(params), batch_stats), images, train=True,
-        mutable=['batch_stats'] if has_bn else [], rngs={'dropout': rng},
-    )
-    return out.astype(jnp.float32), (mutated['batch_stats'] if has_bn else batch_stats)
-
-
-def _ema(decay: float, old: Any, new: Any) -> Any:
-    return jax.tree.map(lambda e, x: decay * e + (1.0 - decay) * x, old, new)
-
-
-def make_mpl_step(
-    teacher_model, student_model, teacher_tx, student_tx, teacher_schedule, student_schedule,
-    config: ml_collections.ConfigDict,
-) -> Callable[[MPLState, dict], tuple[MPLState, dict]]:
-    """The pure MPL step: (state, batch) -> (state, metrics). Not yet jitted.
-
-    The batch holds 'image' / 'label' (labeled) and 'image_uw' / 'image_us' (the weak
-    and strong views of the same unlabeled images). Randomness (dropout, sampled
-    pseudo-labels) comes from fold_in(seed, step), so a resumed run repeats it.
-    """
-    base_rng = jax.random.key(config.seed)
-    mpl, uda = config.mpl, config.uda
-    label_smoothing = config.get('label_smoothing', 0.0)
-    ema_decay = config.get('ema_decay', 0.0)
-    soft = mpl.pseudo_label == 'soft'
-    use_dot = mpl.reward == 'dot_product'
-
-    def step_fn(state: MPLState, batch: dict) -> tuple[MPLState, dict]:
-        step = state.student.step
-        rng = jax.random.fold_in(base_rng, step)
-        t_rng, s_rng, s2_rng, sample_rng = jax.random.split(rng, 4)
-        x_l, y_l = batch['image'], batch['label']
-        u_w, u_s = batch['image_uw'], batch['image_us']
-        n_l, n_u = x_l.shape[0], u_w.shape[0]
-        t, s = state.teacher, state.student
-
-        # 1. The teacher, once, on everything; its gradient comes back through t_vjp.
-        t_logits, t_vjp, t_stats = jax.vjp(
-            lambda p: _apply(teacher_model, p, t.batch_stats, jnp.concatenate([x_l, u_w, u_s]), t_rng),
-            t.params, has_aux=True,
-        )
-        targets = pseudo_label_targets(mpl.pseudo_label, t_logits[n_l + n_u:], sample_rng)
-
-        # 2. The student's step on the pseudo-labels, and its labeled loss before / after.
-        def student_fwd(params):
-            return _apply(student_model, params, s.batch_stats, jnp.concatenate([u_s, x_l]), s_rng)
-
-        def student_loss(params):
-            logits, stats = student_fwd(params)
-            loss_u = optax.softmax_cross_entropy(logits[:n_u], _smooth(targets, label_smoothing)).mean()
-            loss_l = core.cross_entropy(logits[n_u:], y_l).mean()
-            return loss_u, (loss_l, stats)
-
-        (s_loss_u, (l_before, s_stats)), g_u = jax.value_and_grad(student_loss, has_aux=True)(s.params)
-        s_updates, s_opt_state = student_tx.update(g_u, s.opt_state, s.params)
-        s_params = optax.apply_updates(s.params, s_updates)
-        eta = student_schedule(step)
-
-        def labeled_after(params):
-            logits, _ = _apply(student_model, params, s_stats, x_l, s2_rng)
-            return core.cross_entropy(logits, y_l).mean()
-
-        if use_dot:
-            l_after, g_l = jax.value_and_grad(labeled_after)(s_params)
-            reward = dot_product_reward(g_l, g_u, eta)
-        else:
-            l_after = labeled_after(s_params)
-            reward = loss_difference_reward(l_before, l_after)
-        reward = mpl.reward_sign * reward
-        advantage, baseline = apply_reward_baseline(
-            reward, state.reward_baseline, mpl.reward_baseline_decay
-        )
-        if soft:
-            _, dlogq = jax.jvp(
-                lambda p: jax.nn.log_softmax(student_fwd(p)[0][:n_u]), (s.params,), (g_l,)
-            )
-
-        # 3. The teacher's loss, as a function of its logits.
-        w_uda = uda_weight(step, uda.weight, uda.warmup_steps)
-
-        def teacher_loss(logits):
-            lg_l, lg_w, lg_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
-            sup = core.cross_entropy(lg_l, y_l, label_smoothing).mean()
-            cons, kept = uda_loss(lg_w, lg_s, uda.threshold, uda.temperature)
-            if soft:
-                probs = _smooth(jax.nn.softmax(lg_s), label_smoothing)
-                mpl_term = mpl.reward_sign * soft_mpl_teacher_loss(probs, dlogq, eta)
-            else:
-                mpl_term = mpl_teacher_loss(lg_s, targets, advantage)
-            return sup + w_uda * cons + mpl_term, (sup, cons, kept, mpl_term)
-
-        (t_loss, (t_sup, t_uda, kept, t_mpl)), g_logits = jax.value_and_grad(
-            teacher_loss, has_aux=True)(t_logits)
-        (g_t,) = t_vjp(g_logits)
-        t_updates, t_opt_state = teacher_tx.update(g_t, t.opt_state, t.params)
-        t_params = optax.apply_updates(t.params, t_updates)
-
-        teacher = t.replace(step=t.step + 1, params=t_params, batch_stats=t_stats, opt_state=t_opt_state)
-        student = s.replace(step=s.step + 1, params=s_params, batch_stats=s_stats, opt_state=s_opt_state)
-        if ema_decay:
-            student = student.replace(
-                ema_params=_ema(ema_decay, s.ema_params, s_params),
-                ema_batch_stats=_ema(ema_decay, s.ema_batch_stats, s_stats),
-            )
-        metrics = {
-            'loss': t_loss,
-            'teacher_loss_labeled': t_sup,
-            'teacher_loss_uda': t_uda,
-            'teacher_loss_mpl': t_mpl,
-            'uda_mask_ratio': kept,
-            'uda_weight': w_uda,
-            'student_loss_unlabeled': s_loss_u,
-            'student_loss_labeled_before': l_before,
-            'student_loss_labeled_after': l_after,
-            'reward': reward,
-            'reward_baseline': baseline,
-            'teacher_top1': core.topk_correct(t_logits[:n_l], y_l, 1).mean(),
-            'grad_norm': optax.global_norm(g_t),
-            'student_grad_norm': optax.global_norm(g_u),
-            'param_norm': optax.global_norm(s_params),
-            'lr': eta,
-            'teacher_lr': teacher_schedule(step),
-        }
-        return MPLState(teacher=teacher, student=student, reward_baseline=baseline), metrics
-
-    return step_fn
 
 
 # ----------------------------------------------------------------------------- configs

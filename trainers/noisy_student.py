@@ -118,6 +118,30 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _load_manifest(path: str, identity: dict) -> dict:
+    """The shard manifest when it was written for this teacher and data, else a new one."""
+    manifest = {**identity, 'shards': {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            found = json.load(f)
+        if all(found.get(k) == v for k, v in identity.items()):
+            return found
+        logging.warning('Discarding pseudo-label shards in %s: made by another teacher or for '
+                        'other data.', os.path.dirname(path))
+    return manifest
+
+
+def _shard_logits(apply, variables, batches, on_batch) -> np.ndarray:
+    """Logits of every real (unpadded, `mask` > 0) example of the batches, in order."""
+    outs, masks = [], []
+    for i, batch in enumerate(batches):
+        outs.append(apply(variables, batch['image']))
+        masks.append(batch['mask'])
+        on_batch(i, outs[-1])
+    logits = np.concatenate(jax.device_get(outs))
+    return logits[np.concatenate([np.asarray(jax.device_get(m)) for m in masks]) > 0]
+
+
 def infer_logits(
     model,
     variables: dict,
@@ -153,17 +177,8 @@ def infer_logits(
     num_shards = -(-n // shard_size)
     main = jax.process_index() == 0
     manifest_path = os.path.join(out_dir, 'manifest.json')
-    identity = {'teacher': teacher_id, 'num_examples': n, 'shard_size': shard_size,
-                'dataset': dataset, 'split': split}
-    manifest = {**identity, 'shards': {}}
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            found = json.load(f)
-        if all(found.get(k) == v for k, v in identity.items()):
-            manifest = found
-        else:
-            logging.warning('Discarding pseudo-label shards in %s: made by another teacher or '
-                            'for other data.', out_dir)
+    manifest = _load_manifest(manifest_path, {'teacher': teacher_id, 'num_examples': n,
+                                              'shard_size': shard_size, 'dataset': dataset, 'split': split})
     if main:
         os.makedirs(out_dir, exist_ok=True)
 
@@ -183,14 +198,9 @@ def infer_logits(
             image_size=image_size, channels=channels, mean=mean, std=std,
             source=source.select(np.arange(lo, hi)),
         )
-        outs, masks = [], []
-        for i, batch in enumerate(core.prefetch_to_device(start_pass(), sharding)):
-            outs.append(apply(variables, batch['image']))
-            masks.append(batch['mask'])
-            progress.update(min(batch_size, hi - lo - i * batch_size), wait=outs[-1])
-        logits = np.concatenate(jax.device_get(outs))
-        mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks]) > 0
-        logits = logits[mask]
+        logits = _shard_logits(apply, variables, core.prefetch_to_device(start_pass(), sharding),
+                               lambda i, out, lo=lo, hi=hi: progress.update(
+                                   min(batch_size, hi - lo - i * batch_size), wait=out))
         assert len(logits) == hi - lo == count, (len(logits), hi - lo, count)
         if main:
             tmp = path + '.tmp.npz'
@@ -208,13 +218,15 @@ def infer_logits(
             _atomic_write_json(manifest_path, manifest)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices('noisy_student_inference_done')
-    logits = np.zeros((n, 0), np.float32)
+    return _read_shards(out_dir, num_shards, n)
+
+
+def _read_shards(out_dir: str, num_shards: int, n: int) -> np.ndarray:
     parts = []
     for k in range(num_shards):
         with np.load(os.path.join(out_dir, f'shard-{k:05d}.npz')) as z:
             parts.append(z['logits'])
-    logits = np.concatenate(parts) if parts else logits
-    return logits
+    return np.concatenate(parts) if parts else np.zeros((n, 0), np.float32)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -300,9 +312,49 @@ def _recorded_rounds(path: str) -> set[int]:
         return {json.loads(line)['round'] for line in f if '"split": "round"' in line}
 
 
-def _rounds(config, workdir: str, info, unlabeled, options) -> dict[str, Any]:
+def _pseudo_labels(config, r: int, round_dir: str, teacher_dir: str, teacher_model_name: str,
+                   teacher_kwargs, info, unlabeled):
+    """Round r's pseudo-labelled pool: teacher logits on the unlabeled data (resumable
+    shards), filtered and balanced. Returns (pool source with targets, selected indices,
+    per-class counts after balancing)."""
     ns = config.noisy_student
     eval_batch = core.eval_batch_size(config.get('eval_batch_size') or config.batch_size)
+    teacher = models.create_model(
+        teacher_model_name, num_classes=info.num_classes,
+        **{k: v for k, v in dict(teacher_kwargs).items() if v is not None},
+    )
+    variables, teacher_id = _teacher_variables(teacher_dir, teacher_model_name, info.num_classes)
+    teacher_cfg = models.get_model_cfg(teacher_model_name)
+    t_size = config.get('image_size') or teacher_cfg.input_size[0]
+    logits = infer_logits(
+        teacher, variables, unlabeled, os.path.join(round_dir, 'pseudo_labels'),
+        data_config=config.data, dataset=config.unlabeled_dataset, split=config.unlabeled_split,
+        batch_size=eval_batch, shard_size=ns.inference_shard_size, image_size=t_size,
+        channels=teacher_cfg.input_size[2], mean=teacher_cfg.mean, std=teacher_cfg.std,
+        teacher_id=teacher_id,
+    )
+    probs = pseudo_targets(logits, soft=True, temperature=1.0)
+    selected, before, after = filter_and_balance(probs, ns.min_confidence, ns.images_per_class)
+    logging.info('Round %d pseudo-labels: %d of %d confident; per class before %s, after %s.',
+                 r, int(before.sum()), len(probs), before.tolist(), after.tolist())
+    if not len(selected):
+        raise ConfigError(
+            f'No unlabeled example reached min_confidence={ns.min_confidence} in round {r}; '
+            f'lower config.noisy_student.min_confidence.'
+        )
+    targets = pseudo_targets(logits[selected], ns.soft_labels, ns.temperature)
+    pseudo = unlabeled.select(selected, extras={'targets': targets})
+    if jax.process_index() == 0:
+        _atomic_write_json(os.path.join(round_dir, 'pseudo_labels', 'filter.json'), {
+            'num_unlabeled': len(probs), 'num_confident': int(before.sum()),
+            'num_selected': int(len(selected)), 'histogram_before': before.tolist(),
+            'histogram_after': after.tolist(),
+        })
+
+    return pseudo, selected, after
+
+
+def _rounds(config, workdir: str, info, unlabeled, options) -> dict[str, Any]:
     main = jax.process_index() == 0
     rounds: list[dict] = []
     summary_path = os.path.join(workdir, 'metrics.jsonl')
@@ -321,40 +373,10 @@ def _rounds(config, workdir: str, info, unlabeled, options) -> dict[str, Any]:
         teacher_model_name, teacher_kwargs = config.teacher.model, config.teacher.model_kwargs
         teacher_top1 = results['top1']
 
-    for r in range(ns.num_iterations):
+    for r in range(config.noisy_student.num_iterations):
         round_dir = os.path.join(workdir, f'round_{r}')
-        teacher = models.create_model(
-            teacher_model_name, num_classes=info.num_classes,
-            **{k: v for k, v in dict(teacher_kwargs).items() if v is not None},
-        )
-        variables, teacher_id = _teacher_variables(teacher_dir, teacher_model_name, info.num_classes)
-        teacher_cfg = models.get_model_cfg(teacher_model_name)
-        t_size = config.get('image_size') or teacher_cfg.input_size[0]
-        logits = infer_logits(
-            teacher, variables, unlabeled, os.path.join(round_dir, 'pseudo_labels'),
-            data_config=config.data, dataset=config.unlabeled_dataset, split=config.unlabeled_split,
-            batch_size=eval_batch, shard_size=ns.inference_shard_size, image_size=t_size,
-            channels=teacher_cfg.input_size[2], mean=teacher_cfg.mean, std=teacher_cfg.std,
-            teacher_id=teacher_id,
-        )
-        probs = pseudo_targets(logits, soft=True, temperature=1.0)
-        selected, before, after = filter_and_balance(probs, ns.min_confidence, ns.images_per_class)
-        logging.info('Round %d pseudo-labels: %d of %d confident; per class before %s, after %s.',
-                     r, int(before.sum()), len(probs), before.tolist(), after.tolist())
-        if not len(selected):
-            raise ConfigError(
-                f'No unlabeled example reached min_confidence={ns.min_confidence} in round {r}; '
-                f'lower config.noisy_student.min_confidence.'
-            )
-        targets = pseudo_targets(logits[selected], ns.soft_labels, ns.temperature)
-        pseudo = unlabeled.select(selected, extras={'targets': targets})
-        if main:
-            _atomic_write_json(os.path.join(round_dir, 'pseudo_labels', 'filter.json'), {
-                'num_unlabeled': len(probs), 'num_confident': int(before.sum()),
-                'num_selected': int(len(selected)), 'histogram_before': before.tolist(),
-                'histogram_after': after.tolist(),
-            })
-
+        pseudo, selected, after = _pseudo_labels(config, r, round_dir, teacher_dir, teacher_model_name,
+                                                 teacher_kwargs, info, unlabeled)
         student_dir = os.path.join(round_dir, 'student')
         student_results = _read_results(student_dir)
         if student_results is None or student_results.get('step') != config.num_train_steps:
@@ -409,7 +431,7 @@ def mixed_iterator_fn(config, pseudo, num_classes: int, seed_offset: int = 0):
         eye = np.eye(num_classes, dtype=np.float32)
         for lab, unl in zip(labeled, unlabeled, strict=True):
             n_l, n_u = len(lab['label']), len(unl['label'])
-            yield {
+            batch = {
                 'image': np.concatenate([lab['image'], unl['image']]),
                 'label': np.concatenate([lab['label'], unl['targets'].argmax(-1).astype(np.int32)]),
                 'targets': np.concatenate([lab.get('targets', eye[lab['label']]), unl['targets']]),
@@ -418,5 +440,8 @@ def mixed_iterator_fn(config, pseudo, num_classes: int, seed_offset: int = 0):
                     np.full(n_u, ns.unlabeled_weight / b_u, np.float32),
                 ]),
             }
+            if 'valid' in lab:  # undecodable images' stand-ins (input_pipeline) count for nothing
+                batch['valid'] = np.concatenate([lab['valid'], unl['valid']])
+            yield batch
 
     return make
