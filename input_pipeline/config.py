@@ -2,6 +2,9 @@
 
 import ml_collections
 
+# A few damaged files in a million-image folder are normal; one in a thousand is not.
+DEFAULT_MAX_BAD_FRACTION = 0.001
+
 
 def default_data_config() -> ml_collections.ConfigDict:
     """Returns the data config every experiment config starts from.
@@ -41,15 +44,23 @@ def default_data_config() -> ml_collections.ConfigDict:
         inception_ratio: (min, max) aspect ratio of the crop.
         interpolation: 'bilinear' | 'bicubic' | 'nearest' | 'area' for resizing.
         shuffle_buffer: examples in the shuffle buffer of the streaming path
-            (datasets too large for memory).
+            (tfds datasets too large for memory and stored only as TFRecord).
         in_memory: 'auto' (hold the decoded split in host memory when it is
-            under about 4 GB), True or False (stream from the tfds files).
+            under about 4 GB), True or False (read from the tfds files: by
+            index from ArrayRecord files when the dataset has them, else
+            streamed from TFRecord; see `pipeline.py`).
             Image folders ignore it: they are always read by index from their
             files (the OS page cache keeps small ones in memory), so they follow
             the in-memory ordering rules.
         prefetch: host batches prepared ahead of the trainer.
         num_parallel_calls: threads for decoding and augmentation; -1 lets
             tf.data tune it.
+        max_bad_fraction: the largest fraction of a `folder:` split's image
+            files that may be undecodable (empty, truncated, not an image) for
+            `input_pipeline.check_dataset` to accept it (default 0.001). Bad
+            files are never fatal in the iterators: each is replaced by a
+            zero image marked 'valid' 0 (and, in eval, 'mask' 0) and logged
+            once; this limit only stops a run on a mostly broken folder.
 
     Extra training augmentation (all off by default; see `augment.py` for the
     op definitions and the magnitude scale). The per-example policies run after
@@ -97,6 +108,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.in_memory = ml_collections.FieldReference('auto', field_type=object)
     config.prefetch = 2
     config.num_parallel_calls = -1
+    config.max_bad_fraction = DEFAULT_MAX_BAD_FRACTION
     config.randaugment_layers = 0
     config.randaugment_magnitude = 9.0
     config.randaugment_ops = 'imagenet'

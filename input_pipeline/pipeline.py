@@ -1,22 +1,54 @@
 """Train and eval iterators with exactly reproducible batches.
 
-Random-access path (splits held in memory, small image folders)
-    The example order is one stream over epochs: epoch e is
-    `np.random.default_rng([seed, e]).permutation(N)`. Global batch s is stream
-    positions [s*B, (s+1)*B) and process p of P takes rows [p*B/P, (p+1)*B/P).
-    An example's augmentation seed is (seed, s*B + row). So batch s is a pure
-    function of (dataset, split, seed, s, B): it does not depend on the number of
-    processes, on start_step or on what was consumed before, and a resumed run
-    sees exactly the batches an uninterrupted one would.
+Random access (every source but TFRecord-only tfds splits)
+    Examples are read by index: from host memory (small tfds splits), from
+    image files (`folder:`), or from ArrayRecord files through tfds' random-access
+    `data_source` (large tfds splits, e.g. imagenet2012 train). The example order
+    is one stream over epochs: epoch e is `np.random.default_rng([seed, e])
+    .permutation(N)`. Global batch s is stream positions [s*B, (s+1)*B) and
+    process p of P takes rows [p*B/P, (p+1)*B/P). An example's augmentation seed
+    is (seed, s*B + row). So batch s is a pure function of (dataset, split, seed,
+    s, B): it does not depend on the number of processes, on start_step or on
+    what was consumed before; starting at step s costs what starting at step 0
+    costs, and a resumed run sees exactly the batches an uninterrupted one would.
+    The iterator's position is therefore the step: the trainer's checkpoint
+    holds it and `create_train_iterator(start_step=step)` restores it, so no
+    separate iterator state is saved.
 
-Streaming path (splits too large for memory, e.g. imagenet2012 train)
-    Each process reads its own subset of the tfds files (tfds' InputContext),
-    files and a `shuffle_buffer` of encoded records are shuffled with tf.data's
-    seeded, per-epoch reshuffling (epochs stay whole), images are decoded after shuffling and a run
-    resumed at step s skips s * local_batch records (read but not decoded). The
-    order is then a function of (seed, step, process_count): resuming with the
-    same number of processes reproduces the batches, changing it does not.
-    Augmentation seeds are derived as above.
+    Per step, one Python call looks up the batch's indices and fetches its
+    encoded images, paths or arrays; decoding and augmentation run in tf.data's
+    parallel map (TensorFlow kernels on C++ threads, without the GIL), then
+    batching and prefetching. A JPEG's random-resized crop decodes only its
+    window (`preprocess.decode_and_crop`).
+
+    Why tf.data and not Grain, which tfds' `data_source` is usually paired
+    with: the order above is ours whatever reads the records, and the per-example
+    work is TensorFlow ops, which tf.data runs in parallel threads in one process
+    while Grain runs per-example Python (threads that share the GIL, or worker
+    processes that each need their own TensorFlow). Grain's checkpointable
+    iterator state would hold what the step already determines.
+
+Streaming (tfds splits stored only as TFRecord, too large for memory)
+    TFRecord files cannot be read by index. Such a split is read as before,
+    with a warning naming the one command that converts it (`convert.py`, or
+    `tfds build --file_format=array_record`): each process reads its own subset
+    of the files (tfds' InputContext), files and a `shuffle_buffer` of encoded
+    records are shuffled with tf.data's seeded per-epoch reshuffling (epochs
+    stay whole), images are decoded after shuffling, and a run resumed at step s
+    skips s * local_batch records (read, not decoded). The order is then a
+    function of (seed, step, process_count).
+
+Undecodable images (any source)
+    An image that cannot be decoded (empty, truncated, not an image, unreadable)
+    never stops the iterator. It is replaced in its batch by a substitute: an
+    all-zero image, label 0, zero extras, and `'valid'` 0.0 (1.0 for every
+    decoded example); in eval also `'mask'` 0.0. The substitute sits where the
+    example would have been, so the batch stays a pure function of (seed, step).
+    Each bad example is logged once per process (absl warning) with its file path
+    or dataset index and the decoder's reason. `checks.check_dataset` finds bad
+    files of a `folder:` split up front. Mechanism: examples carry their stream
+    position through the map; `ignore_errors` drops the ones whose decoding
+    failed and a scan puts substitutes back at the missing positions.
 
 mixup / CutMix (`config.data.mixup_alpha`, `cutmix_alpha`)
     Row i of global batch s is mixed with row B-1-i, with lam and the CutMix box
@@ -25,7 +57,8 @@ mixup / CutMix (`config.data.mixup_alpha`, `cutmix_alpha`)
     positions), so the mixed batch is still a pure function of (seed, s) and
     slices concatenate to the single-process batch. That costs twice the
     per-example work on processes other than the middle one. The streaming path
-    mixes each process's batch with itself reversed.
+    mixes each process's batch with itself reversed. A mixed row is valid only
+    when both of its images were decoded.
 """
 
 import itertools
@@ -35,9 +68,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from flaxnets_errors import ConfigError
-from input_pipeline import augment, preprocess, sources
+from input_pipeline import augment, checks, preprocess, sources
+
+# Marks each example's own decode status in mixed batches (the partner's status is
+# folded into 'valid'); the iterator reads it to log bad examples and drops it.
+_DECODED = '_decoded'
 
 
 def _process_layout(global_batch_size, process_index, process_count) -> tuple[int, int, int]:
@@ -61,23 +99,16 @@ def _num_parallel_calls(data_config) -> int:
     return tf.data.AUTOTUNE if n is None or n < 0 else n
 
 
-def _finish(
-    ds: tf.data.Dataset, data_config, fn, local_batch: int, batch_stage=None
-) -> tf.data.Dataset:
-    ds = ds.map(fn, num_parallel_calls=_num_parallel_calls(data_config))
-    ds = ds.batch(local_batch, drop_remainder=True)
-    if batch_stage is not None:
-        ds = batch_stage(ds)
-    ds = ds.prefetch(data_config.prefetch)
-    return ds.with_options(sources.deterministic_options())
-
-
-def _element_signature(source: sources.ArraySource, eval_mode: bool) -> dict:
+def _element_signature(source, eval_mode: bool) -> dict:
     if source.kind == 'array':
         x = tf.TensorSpec((None, *source.data.shape[1:]), tf.uint8)
     else:
         x = tf.TensorSpec((None,), tf.string)
-    signature = {'x': x, 'label': tf.TensorSpec((None,), tf.int32)}
+    signature = {
+        'x': x,
+        'label': tf.TensorSpec((None,), tf.int32),
+        'pos': tf.TensorSpec((None,), tf.int64),
+    }
     for key, value in source.extras.items():
         signature[key] = tf.TensorSpec((None, *value.shape[1:]), tf.as_dtype(value.dtype))
     if eval_mode:
@@ -112,11 +143,153 @@ class _EpochOrder:
         return out
 
 
+class _ProducerErrors:
+    """Carries an exception out of a `from_generator` producer.
+
+    The map after the producer ignores errors (a failed decode becomes a
+    substitute), which would also swallow an exception of the producer itself
+    and end the stream quietly. The producer therefore catches its exception and
+    ends; the consuming iterator re-raises it.
+    """
+
+    def __init__(self):
+        self.error: BaseException | None = None
+
+    def guard(self, generate: Callable[[], Iterator]) -> Callable[[], Iterator]:
+        def guarded():
+            try:
+                yield from generate()
+            except Exception as e:  # noqa: BLE001  (re-raised by the consumer)
+                self.error = e
+
+        return guarded
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _fill_gaps(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Puts a substitute (zeros, 'valid' 0) at every stream position `ds` lacks.
+
+    Elements carry 'pos', their position in this process's stream (0, 1, 2, ...);
+    the ones whose map failed were dropped by `ignore_errors`.
+    """
+    spec = ds.element_spec
+
+    def with_substitutes(expected, element):
+        pos = element['pos']
+        gap = pos - expected
+        out = {}
+        for key, s in spec.items():
+            if key == 'pos':
+                out[key] = tf.concat([tf.range(expected, pos), pos[None]], 0)
+            else:
+                shape = tf.concat([[gap], np.array(s.shape.as_list(), np.int64)], 0)
+                out[key] = tf.concat([tf.zeros(shape, s.dtype), element[key][None]], 0)
+        return out
+
+    def fill(expected, element):
+        # The common case (nothing missing) avoids copying the image into a concat.
+        out = tf.cond(
+            tf.equal(element['pos'], expected),
+            lambda: {k: v[None] for k, v in element.items()},
+            lambda: with_substitutes(expected, element),
+        )
+        return element['pos'] + 1, out
+
+    return ds.scan(tf.constant(0, tf.int64), fill).unbatch()
+
+
+def _decode_map(
+    ds: tf.data.Dataset, fn, data_config, *, source_kind: str, parse=None, padding=None
+) -> tf.data.Dataset:
+    """Parallel per-example map with substitutes for undecodable examples.
+
+    Args:
+        ds: elements with 'x', 'label', 'pos' (and 'seed' or 'mask', extras).
+        fn: `preprocess.make_preprocess_fn`'s function.
+        source_kind: 'array' examples are decoded already and cannot fail.
+        parse: graph fn applied first (ArrayRecord records -> image bytes, label).
+        padding: (start, stop): eval padding rows for stream positions [start, stop)
+            after the real examples: zeros, 'mask' 0, 'valid' 1.
+    """
+
+    def fn_valid(element):
+        if parse is not None:
+            element = parse(element)
+        out = fn(element)
+        out['valid'] = tf.constant(1.0)
+        return out
+
+    ds = ds.map(fn_valid, num_parallel_calls=_num_parallel_calls(data_config))
+    if padding is not None:
+        spec = ds.element_spec
+
+        def pad(pos):
+            out = {k: tf.zeros(s.shape, s.dtype) for k, s in spec.items()}
+            return {**out, 'valid': tf.constant(1.0), 'pos': pos}
+
+        # One extra row past the end makes the gap filler see examples dropped at
+        # the very end of the stream; `take` removes it.
+        start, stop = padding
+        ds = ds.concatenate(tf.data.Dataset.range(start, stop + 1).map(pad))
+    if source_kind != 'array':
+        ds = _fill_gaps(ds.ignore_errors())
+    if padding is not None:
+        ds = ds.take(padding[1])
+    return ds.map(lambda e: {k: v for k, v in e.items() if k != 'pos'})
+
+
+def _finish(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+    ds = ds.prefetch(data_config.prefetch)
+    return ds.with_options(sources.deterministic_options())
+
+
+def _iterate(ds, errors: _ProducerErrors, on_bad: Callable[[int, int], None], *, endless: bool):
+    """The numpy batches of `ds`; logs the bad examples they mark, re-raises producer errors.
+
+    Args:
+        on_bad: fn(batch number, row) for each row whose own example failed to decode.
+        endless: a train stream; its end is an error.
+    """
+    for k, batch in enumerate(ds.as_numpy_iterator()):
+        own = batch.pop(_DECODED, batch['valid'])
+        if own.min(initial=1.0) < 1.0:
+            for row in np.flatnonzero(own < 1.0):
+                on_bad(k, int(row))
+        yield batch
+    errors.check()
+    if endless:
+        raise RuntimeError('The training input pipeline ended unexpectedly; see the log above.')
+
+
+def _explain(source, i: int, what: str, channels: int) -> None:
+    """Logs (once) why example `i` of `source` could not be decoded."""
+    try:
+        contents = source.encoded(i)
+        reason = None if contents is None else preprocess.decode_problem(contents, channels)
+    except Exception as e:  # noqa: BLE001  (any failure to read is the reason)
+        reason = f'cannot be read ({type(e).__name__}: {e})'
+    if reason is None:
+        reason = ('failed in the pipeline but decodes when retried alone (a failed read, '
+                  'or an error in preprocessing)')
+    checks.log_bad_example(what, reason)
+
+
+def _describe(source, dataset: str, split: str, i: int) -> str:
+    what = source.describe(i)
+    return what if source.kind == 'files' else f'{dataset} {split} {what}'
+
+
 def _random_access_train(
     source,
     data_config,
     fn,
     *,
+    dataset,
+    split,
+    channels,
     seed,
     start_step,
     global_batch,
@@ -124,29 +297,41 @@ def _random_access_train(
     local_batch,
     mix_stage=None,
     partner=None,
-) -> tf.data.Dataset:
+):
     order = _EpochOrder(len(source), seed)
     offsets = np.arange(local_batch, dtype=np.int64)
     rows = index * local_batch + offsets
     if mix_stage is not None and partner != index:
         # The partner process's rows follow ours; `mix_stage` pairs them up.
         rows = np.concatenate([rows, partner * local_batch + offsets])
+    per_step = np.arange(len(rows), dtype=np.int64)
+    errors = _ProducerErrors()
 
     def generate():
-        for step in itertools.count(start_step):
+        for k, step in enumerate(itertools.count(start_step)):
             positions = step * global_batch + rows
             idx = order.indices(positions)
             yield {
-                'x': source.data[idx],
-                'label': source.labels[idx],
+                **source.fetch(idx),
                 'seed': np.stack([np.full_like(positions, seed), positions], axis=1),
-                **{k: v[idx] for k, v in source.extras.items()},
+                'pos': k * len(rows) + per_step,
             }
 
     ds = tf.data.Dataset.from_generator(
-        generate, output_signature=_element_signature(source, eval_mode=False)
+        errors.guard(generate), output_signature=_element_signature(source, eval_mode=False)
     )
-    return _finish(ds.unbatch(), data_config, fn, len(rows), mix_stage)
+    ds = _decode_map(
+        ds.unbatch(), fn, data_config, source_kind=source.kind, parse=getattr(source, 'parse', None)
+    )
+    ds = ds.batch(len(rows), drop_remainder=True)
+    if mix_stage is not None:
+        ds = mix_stage(ds)
+
+    def on_bad(k, row):
+        i = int(order.indices(np.array([(start_step + k) * global_batch + rows[row]]))[0])
+        _explain(source, i, _describe(source, dataset, split, i), channels)
+
+    return _iterate(_finish(ds, data_config), errors, on_bad, endless=True)
 
 
 def _mix_stage(mixer, *, seed, start_step, local_batch, mean, std, channels, data_config):
@@ -158,7 +343,7 @@ def _mix_stage(mixer, *, seed, start_step, local_batch, mean, std, channels, dat
     """
 
     def mix(step, batch):
-        images, labels = batch['image'], batch['label']
+        images, labels, valid = batch['image'], batch['label'], batch['valid']
         own_images, own_labels = images[:local_batch], labels[:local_batch]
         images, targets = mixer(
             own_images,
@@ -171,6 +356,8 @@ def _mix_stage(mixer, *, seed, start_step, local_batch, mean, std, channels, dat
             'image': preprocess.normalize(images, mean, std, channels),
             'label': own_labels,
             'targets': targets,
+            'valid': valid[:local_batch] * tf.reverse(valid[-local_batch:], [0]),
+            _DECODED: valid[:local_batch],
         }
 
     def stage(ds):
@@ -181,19 +368,23 @@ def _mix_stage(mixer, *, seed, start_step, local_batch, mean, std, channels, dat
 
 
 def _with_seeds(ds, *, seed, start_step, global_batch, index, local_batch):
-    """Attaches each element's stateless seed (seed, global stream position)."""
+    """Attaches each element's stateless seed (seed, global stream position) and 'pos'."""
     ds = ds.enumerate(start=start_step * local_batch)
 
     def add_seed(i, element):
         step, row = i // local_batch, index * local_batch + i % local_batch
         position = step * global_batch + row
-        return {**element, 'seed': tf.stack([tf.constant(seed, tf.int64), position])}
+        return {
+            **element,
+            'seed': tf.stack([tf.constant(seed, tf.int64), position]),
+            'pos': i - start_step * local_batch,
+        }
 
     return ds.map(add_seed)
 
 
 def _resolve(data_config, dataset: str, split: str, source=None):
-    """Returns ('random_access', ArraySource) or ('streaming', builder)."""
+    """Returns ('random_access', ArraySource | RecordSource) or ('streaming', builder)."""
     if source is not None:
         return 'random_access', source
     if sources.is_folder(dataset):
@@ -202,7 +393,24 @@ def _resolve(data_config, dataset: str, split: str, source=None):
     sources.check_split(builder, split)
     if sources.use_in_memory(data_config.in_memory, builder, split):
         return 'random_access', sources.load_in_memory(builder, split)
+    if sources.has_array_record(builder):
+        return 'random_access', sources.RecordSource(builder, split)
+    if not sources.tfds_is_mocked():
+        logging.warning(
+            '%s %s is stored as TFRecord only, so it is streamed: its training order depends '
+            'on the number of processes and resuming re-reads the records before the resume '
+            'point. For random access (the same batches on any number of processes, resuming '
+            'at no cost) add ArrayRecord files once: %s.',
+            dataset, split, sources.conversion_hint(builder),
+        )
     return 'streaming', builder
+
+
+def _source_kind(mode: str, data) -> str:
+    """The kind `preprocess` sees: records are parsed to encoded bytes first."""
+    if mode == 'streaming' or data.kind == 'records':
+        return 'encoded'
+    return data.kind
 
 
 def create_train_iterator(
@@ -220,7 +428,7 @@ def create_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     num_classes: int | None = None,
-    source: sources.ArraySource | None = None,
+    source: sources.ArraySource | sources.RecordSource | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields this process's part of global batches start_step, start_step + 1, ...
 
@@ -247,16 +455,17 @@ def create_train_iterator(
 
     Returns:
         An endless iterator of {'image': float32 (b, image_size, image_size,
-        channels), 'label': int32 (b,)} with b = global_batch_size // process_count,
-        plus 'targets' (float32 (b, num_classes) soft labels) when mixup or
-        CutMix is on.
+        channels), 'label': int32 (b,), 'valid': float32 (b,)} with
+        b = global_batch_size // process_count, plus 'targets' (float32
+        (b, num_classes) soft labels) when mixup or CutMix is on. 'valid' is 1.0
+        for a decoded example and 0.0 for the substitute of an undecodable one
+        (zero image, label 0; see the module docstring).
 
     Raises:
         DatasetNotAvailableError: the dataset is missing (see `get_dataset_info`).
     """
     index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
     mode, data = _resolve(data_config, dataset, split, source)
-    kind = data.kind if mode == 'random_access' else 'encoded'
     if mode == 'random_access' and data.extras and augment.mixing_enabled(data_config):
         raise ConfigError(
             'mixup/CutMix on a source with its own soft targets (pseudo-labels) is not '
@@ -281,7 +490,7 @@ def create_train_iterator(
     fn = preprocess.make_preprocess_fn(
         data_config,
         train=True,
-        kind=kind,
+        kind=_source_kind(mode, data),
         image_size=image_size,
         channels=channels,
         mean=mean,
@@ -296,26 +505,43 @@ def create_train_iterator(
         local_batch=local_batch,
     )
     if mode == 'random_access':
-        partner = count - 1 - index
-        ds = _random_access_train(
-            data, data_config, fn, mix_stage=mix_stage, partner=partner, **layout
-        )
-    else:
-        ds = sources.streaming_dataset(
+        return _random_access_train(
             data,
-            split,
-            shuffle_files=True,
-            seed=seed,
-            input_context=tf.distribute.InputContext(count, index, local_batch),
+            data_config,
+            fn,
+            dataset=dataset,
+            split=split,
+            channels=channels,
+            mix_stage=mix_stage,
+            partner=count - 1 - index,
+            **layout,
         )
-        # Shuffling before repeating keeps epochs whole (every record once per
-        # epoch; tf.data reshuffles each epoch from the seed) and never buffers
-        # more records than the split has, which matters for tiny mock splits.
-        ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        ds = ds.repeat()
-        ds = ds.skip(start_step * local_batch)
-        ds = _finish(_with_seeds(ds, **layout), data_config, fn, local_batch, mix_stage)
-    return ds.as_numpy_iterator()
+    ds = sources.streaming_dataset(
+        data,
+        split,
+        shuffle_files=True,
+        seed=seed,
+        input_context=tf.distribute.InputContext(count, index, local_batch),
+    )
+    # Shuffling before repeating keeps epochs whole (every record once per
+    # epoch; tf.data reshuffles each epoch from the seed) and never buffers
+    # more records than the split has, which matters for tiny mock splits.
+    ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.repeat()
+    ds = ds.skip(start_step * local_batch)
+    ds = _decode_map(_with_seeds(ds, **layout), fn, data_config, source_kind='encoded')
+    ds = ds.batch(local_batch, drop_remainder=True)
+    if mix_stage is not None:
+        ds = mix_stage(ds)
+
+    def on_bad(k, row):
+        checks.log_bad_example(
+            f'{dataset} {split} record at row {row} of step {start_step + k} on process {index} '
+            '(streamed from TFRecord, so its index is unknown)',
+            'could not be decoded',
+        )
+
+    return _iterate(_finish(ds, data_config), _ProducerErrors(), on_bad, endless=True)
 
 
 def create_eval_iterator(
@@ -330,7 +556,7 @@ def create_eval_iterator(
     std,
     process_index: int | None = None,
     process_count: int | None = None,
-    source: sources.ArraySource | None = None,
+    source: sources.ArraySource | sources.RecordSource | None = None,
 ) -> tuple[Callable[[], Iterator[dict[str, np.ndarray]]], int]:
     """One pass over a split, every example exactly once, padded to full batches.
 
@@ -344,61 +570,81 @@ def create_eval_iterator(
 
     Returns:
         (start_pass, num_examples): `start_pass()` returns a fresh iterator of
-        {'image', 'label', 'mask' (float32 1 real / 0 padding)}; num_examples is
-        the split's size (sum of all masks over all processes).
+        {'image', 'label', 'mask', 'valid'}: 'mask' is float32 1 for an example to
+        score, 0 for padding and for an undecodable example; 'valid' is float32 0
+        exactly for an undecodable example (its substitute: zero image, label 0)
+        and 1 otherwise, padding included, so the skipped examples of a pass are
+        sum(1 - valid). num_examples is the split's size (sum over all processes
+        of mask + (1 - valid)).
     """
     index, count, local_batch = _process_layout(global_batch_size, process_index, process_count)
     mode, data = _resolve(data_config, dataset, split, source)
-    kind = data.kind if mode == 'random_access' else 'encoded'
     fn = preprocess.make_preprocess_fn(
         data_config,
         train=False,
-        kind=kind,
+        kind=_source_kind(mode, data),
         image_size=image_size,
         channels=channels,
         mean=mean,
         std=std,
     )
+    errors = _ProducerErrors()
     if mode == 'random_access':
         num_examples = len(data)
         num_batches = math.ceil(num_examples / global_batch_size)
         rows = index * local_batch + np.arange(local_batch, dtype=np.int64)
+        # This process's real examples, in the order its rows take them.
+        positions = (np.arange(num_batches, dtype=np.int64)[:, None] * global_batch_size + rows)
+        positions = positions[positions < num_examples]
 
         def generate():
-            for j in range(num_batches):
-                positions = j * global_batch_size + rows
-                real = positions < num_examples
-                idx = np.where(real, positions, 0)
+            for lo in range(0, len(positions), local_batch):
+                idx = positions[lo : lo + local_batch]
                 yield {
-                    'x': data.data[idx],
-                    'label': data.labels[idx],
-                    'mask': real.astype(np.float32),
-                    **{k: v[idx] for k, v in data.extras.items()},
+                    **data.fetch(idx),
+                    'mask': np.ones(len(idx), np.float32),
+                    'pos': np.arange(lo, lo + len(idx), dtype=np.int64),
                 }
 
         ds = tf.data.Dataset.from_generator(
-            generate, output_signature=_element_signature(data, eval_mode=True)
-        )
-        ds = _finish(ds.unbatch(), data_config, fn, local_batch)
+            errors.guard(generate), output_signature=_element_signature(data, eval_mode=True)
+        ).unbatch()
+        num_real, parse = len(positions), getattr(data, 'parse', None)
+
+        def on_bad(k, row):
+            i = int(positions[k * local_batch + row])
+            _explain(data, i, _describe(data, dataset, split, i), channels)
+
     else:
         num_examples = sources.split_size(data, split)
         subsplit = split if count == 1 else tfds.even_splits(split, n=count)[index]
         ds = sources.streaming_dataset(
             data, subsplit, shuffle_files=False, seed=None, input_context=None
         )
-        if num_examples is None:  # Mock data: sizes are not recorded anywhere.
-            num_examples = sources.count_examples(ds) * count
-        ds = ds.map(lambda e: {**e, 'mask': tf.constant(1.0)})
-        ds = ds.map(fn, num_parallel_calls=_num_parallel_calls(data_config))
-        padding = {
-            'image': tf.zeros([image_size, image_size, channels], tf.float32),
-            'label': tf.constant(0, tf.int32),
-            'mask': tf.constant(0.0),
-        }
+        num_real = sources.split_size(data, subsplit)
+        if num_real is None:  # Mock data: sizes are not recorded anywhere.
+            num_real = sources.count_examples(ds)
+        if num_examples is None:
+            num_examples = num_real * count
         # even_splits sizes differ by at most one, so ceil(N / P) bounds them all.
         num_batches = math.ceil(math.ceil(num_examples / count) / local_batch)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
-        ds = ds.take(num_batches * local_batch).batch(local_batch)
-        ds = ds.prefetch(data_config.prefetch).with_options(sources.deterministic_options())
+        ds = ds.enumerate().map(lambda i, e: {**e, 'mask': tf.constant(1.0), 'pos': i})
+        parse = None
 
-    return ds.as_numpy_iterator, num_examples
+        def on_bad(k, row):
+            checks.log_bad_example(
+                f'{dataset} {subsplit} example {k * local_batch + row}', 'could not be decoded'
+            )
+
+    kind = data.kind if mode == 'random_access' else 'encoded'
+    ds = _decode_map(
+        ds, fn, data_config, source_kind=kind, parse=parse,
+        padding=(num_real, num_batches * local_batch),
+    )
+    out = _finish(ds.batch(local_batch), data_config)
+
+    def start_pass():
+        errors.error = None
+        return _iterate(out, errors, on_bad, endless=False)
+
+    return start_pass, num_examples

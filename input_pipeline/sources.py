@@ -58,6 +58,15 @@ class DatasetNotAvailableError(UserError, RuntimeError):
     """The dataset is not on disk (and downloading was not allowed) or unknown."""
 
 
+def _merge_extras(extras, indices, new_extras) -> dict[str, np.ndarray]:
+    merged = {k: v[indices] for k, v in extras.items()}
+    for k, v in (new_extras or {}).items():
+        if len(v) != len(indices):
+            raise ValueError(f'extras[{k!r}] has {len(v)} rows for {len(indices)} indices.')
+        merged[k] = np.asarray(v)
+    return merged
+
+
 @dataclasses.dataclass(frozen=True)
 class ArraySource:
     """A split whose examples can be fetched by index.
@@ -68,12 +77,16 @@ class ArraySource:
             image file paths, str array (N,)).
         data: see `kind`.
         labels: int32 (N,).
+        extras: per-example arrays that travel into the batches (e.g. 'targets').
+        ids: each example's index in the split it was loaded from (kept by
+            `select`, so a log line can name the example); None means 0..N-1.
     """
 
     kind: str
     data: np.ndarray
     labels: np.ndarray
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -88,12 +101,124 @@ class ArraySource:
                 the pipeline into the batches. Existing extras are selected too.
         """
         indices = np.asarray(indices, dtype=np.int64)
-        merged = {k: v[indices] for k, v in self.extras.items()}
-        for k, v in (extras or {}).items():
-            if len(v) != len(indices):
-                raise ValueError(f'extras[{k!r}] has {len(v)} rows for {len(indices)} indices.')
-            merged[k] = np.asarray(v)
-        return ArraySource(self.kind, self.data[indices], self.labels[indices], merged)
+        ids = indices if self.ids is None else self.ids[indices]
+        return ArraySource(
+            self.kind,
+            self.data[indices],
+            self.labels[indices],
+            _merge_extras(self.extras, indices, extras),
+            ids,
+        )
+
+    def fetch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """{'x', 'label', **extras} of the examples at `indices`."""
+        return {
+            'x': self.data[indices],
+            'label': self.labels[indices],
+            **{k: v[indices] for k, v in self.extras.items()},
+        }
+
+    def describe(self, i: int) -> str:
+        """Names example `i` for a log line: its file, or its index in the split."""
+        if self.kind == 'files':
+            return str(self.data[i])
+        return f'example {int(i if self.ids is None else self.ids[i])}'
+
+    def encoded(self, i: int) -> bytes | None:
+        """The encoded bytes of example `i` (None for decoded arrays).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        if self.kind == 'files':
+            with open(self.data[i], 'rb') as f:
+                return f.read()
+        if self.kind == 'encoded':
+            return bytes(self.data[i])
+        return None
+
+
+class RecordSource:
+    """A tfds split stored as ArrayRecord, read by index (`tfds` random-access source).
+
+    Records are fetched as serialized `tf.train.Example`s (fast: no per-record
+    Python deserialisation) and parsed inside the tf.data map, in parallel, by
+    `parse`. Label lookups read the records, so `labels` (needed only for
+    per-class subsets) reads the whole split once and keeps it.
+    """
+
+    kind = 'records'
+
+    def __init__(self, builder, split: str, *, reader=None, indices=None, extras=None):
+        self._builder = builder
+        self._split = split
+        if reader is None:
+            if not has_array_record(builder):
+                raise ValueError(f'{builder.name} has no ArrayRecord files.')
+            reader = builder.as_data_source(
+                split=split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
+        self._reader = reader
+        self._indices = None if indices is None else np.asarray(indices, np.int64)
+        self.extras: dict[str, np.ndarray] = dict(extras or {})
+        self._labels: np.ndarray | None = None
+        self._features = builder.info.features
+
+    def __len__(self) -> int:
+        return len(self._reader) if self._indices is None else len(self._indices)
+
+    def _ids(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, np.int64)
+        return indices if self._indices is None else self._indices[indices]
+
+    def fetch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = self._reader.__getitems__(self._ids(indices).tolist())
+        return {
+            'x': np.array(records, dtype=object),
+            # Replaced by the record's own label in `parse`.
+            'label': np.zeros(len(records), np.int32),
+            **{k: v[indices] for k, v in self.extras.items()},
+        }
+
+    def parse(self, element: dict) -> dict:
+        """Graph function: element with a serialized example -> its image bytes and label."""
+        example = self._features.deserialize_example(
+            element['x'], decoders={'image': tfds.decode.SkipDecoding()}
+        )
+        return {**element, 'x': example['image'], 'label': tf.cast(example['label'], tf.int32)}
+
+    def _parse_all(self, records) -> tuple[np.ndarray, np.ndarray]:
+        ds = tf.data.Dataset.from_tensor_slices(np.array(records, dtype=object))
+        ds = ds.map(lambda r: self.parse({'x': r}), num_parallel_calls=tf.data.AUTOTUNE)
+        out = next(iter(ds.batch(len(records)).as_numpy_iterator()))
+        return out['x'], out['label']
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            n, chunk, labels = len(self), 8192, []
+            for lo in range(0, n, chunk):
+                ids = self._ids(np.arange(lo, min(n, lo + chunk)))
+                labels.append(self._parse_all(self._reader.__getitems__(ids.tolist()))[1])
+            self._labels = np.concatenate(labels).astype(np.int32) if labels else np.zeros(0, np.int32)
+        return self._labels
+
+    def select(self, indices, extras: dict[str, np.ndarray] | None = None) -> 'RecordSource':
+        """As `ArraySource.select`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return RecordSource(
+            self._builder,
+            self._split,
+            reader=self._reader,
+            indices=self._ids(indices),
+            extras=_merge_extras(self.extras, indices, extras),
+        )
+
+    def describe(self, i: int) -> str:
+        return f'example {int(self._ids([i])[0])}'
+
+    def encoded(self, i: int) -> bytes:
+        return bytes(self._parse_all(self._reader.__getitems__(self._ids([i]).tolist()))[0][0])
 
 
 def per_class_indices(labels: np.ndarray, per_class: int) -> np.ndarray:
@@ -319,6 +444,35 @@ def streaming_dataset(
     return ds.map(_select, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def has_array_record(builder: tfds.core.DatasetBuilder) -> bool:
+    """True when the prepared split files include ArrayRecord ones (random access).
+
+    Also makes them usable: tfds 4.9 restores a prepared dataset's alternative file
+    formats (`convert.py` registers ArrayRecord as one) into the info proto only, not
+    into the list `as_data_source` consults, so they are registered here.
+    """
+    if tfds_is_mocked():
+        return False
+    info = builder.info
+    fmt = tfds.core.FileFormat.ARRAY_RECORD
+    if fmt in info.available_file_formats():
+        return True
+    if fmt.value in info.as_proto.alternative_file_formats:
+        info.alternative_file_formats.append(fmt)
+        return True
+    return False
+
+
+def conversion_hint(builder: tfds.core.DatasetBuilder) -> str:
+    """The commands that add ArrayRecord files to a prepared TFRecord dataset."""
+    root = os.fspath(builder.data_dir_root)
+    return (
+        f'python -m input_pipeline.convert {builder.name} --data_dir {root} '
+        f'(writes ArrayRecord copies next to the TFRecord files), or prepare it anew with '
+        f'tfds build {builder.name} --data_dir {root} --file_format=array_record'
+    )
+
+
 def count_examples(ds: tf.data.Dataset) -> int:
     """Counts by reading; only for splits of unknown size (mock data)."""
     return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
@@ -346,9 +500,32 @@ def _subdirs(path: str) -> list[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
 
 
+_FOLDER_CACHE: dict[str, tuple[tuple, tuple]] = {}
+
+
+def _folder_signature(root: str) -> tuple:
+    """Modification times of root, its split folders and their class folders.
+
+    Adding or removing a file changes its folder's mtime, so an unchanged signature
+    means an unchanged listing (a stat per folder instead of a listing of every file).
+    """
+    stamps = [os.stat(root).st_mtime_ns]
+    for split in _subdirs(root):
+        split_dir = os.path.join(root, split)
+        stamps.append((split, os.stat(split_dir).st_mtime_ns))
+        for c in _subdirs(split_dir):
+            stamps.append((split, c, os.stat(os.path.join(split_dir, c)).st_mtime_ns))
+    return tuple(stamps)
+
+
 def _folder_index(dataset: str) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """Returns (sorted class names, {split: [(path, label), ...]})."""
+    """Returns (sorted class names, {split: [(path, label), ...]}), cached per process."""
     root = _folder_root(dataset)
+    signature = _folder_signature(root)
+    with _CACHE_LOCK:
+        cached = _FOLDER_CACHE.get(root)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
     splits = _subdirs(root)
     # Labels must mean the same in every split, so classes are the sorted union.
     class_names = sorted({c for s in splits for c in _subdirs(os.path.join(root, s))})
@@ -358,9 +535,12 @@ def _folder_index(dataset: str) -> tuple[list[str], dict[str, list[tuple[str, in
         items = []
         for c in _subdirs(os.path.join(root, s)):
             class_dir = os.path.join(root, s, c)
-            for name in sorted(os.listdir(class_dir)):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((os.path.join(class_dir, name), index[c]))
+            names = sorted(
+                e.name
+                for e in os.scandir(class_dir)
+                if e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.is_dir()
+            )
+            items.extend((os.path.join(class_dir, name), index[c]) for name in names)
         if items:
             files[s] = items
     if not files:
@@ -368,6 +548,8 @@ def _folder_index(dataset: str) -> tuple[list[str], dict[str, list[tuple[str, in
             f'No images found under {root!r}: expected root/<split>/<class_name>/'
             f'<image> with extensions {", ".join(IMAGE_EXTENSIONS)}.'
         )
+    with _CACHE_LOCK:
+        _FOLDER_CACHE[root] = (signature, (class_names, files))
     return class_names, files
 
 

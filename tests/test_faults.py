@@ -288,3 +288,54 @@ def test_signal_on_one_process_stops_both_at_one_step(data_dir, tmp_path):
     steps = {int(_error_lines(err)[-1].split('stopped at step ')[1].split()[0]) for _, err in results}
     saved, _ = load_state_arrays(os.path.join(workdir, 'checkpoints'))
     assert steps == {saved} and saved % 4 == 0  # agreed at a log step
+
+
+def _folder_with_bad_files(root) -> str:
+    """root/{train,val}/{a,b}/ with good JPEGs, plus a truncated JPEG and a 0-byte file in
+    train and a text file named .jpg in val."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(buf, 'JPEG')
+        return buf.getvalue()
+
+    for split, n in (('train', 8), ('val', 4)):
+        for c in ('a', 'b'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                (root / split / c / f'{i}.jpg').write_bytes(jpeg())
+    whole = jpeg()
+    (root / 'train' / 'a' / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
+    (root / 'train' / 'b' / 'empty.jpg').write_bytes(b'')
+    (root / 'val' / 'b' / 'notes.jpg').write_text('not an image\n')
+    return f'folder:{root}'
+
+
+def test_bad_images_are_skipped_counted_and_named(tmp_path, caplog):
+    dataset = _folder_with_bad_files(tmp_path / 'data')
+    config = small_config('', dataset=dataset, train_split='train', eval_split='val', image_size=32,
+                          batch_size=6, eval_batch_size=4, num_train_steps=6, log_every_steps=3,
+                          eval_every_steps=6, checkpoint_every_steps=6, **{'data.max_bad_fraction': 0.2})
+    config.data.data_dir = None
+    workdir = str(tmp_path / 'run')
+    with caplog.at_level('WARNING'):
+        results = supervised.train_and_evaluate(config, workdir)
+    # 2 of 18 train files are bad: 36 examples drawn over 6 steps (two epochs) skip 4.
+    assert results['skipped_examples'] == 4
+    rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    assert sum(r['skipped'] for r in rows if r['split'] == 'train') == 4
+    assert results['num_examples'] == 8  # the val text file is left out of the metrics
+    for name in ('cut.jpg', 'empty.jpg', 'notes.jpg'):
+        assert name in caplog.text
+    # Past the limit the run stops before training, naming the files.
+    config.data.max_bad_fraction = 0.05
+    from flaxnets_errors import UserError
+
+    with pytest.raises(UserError, match='cut.jpg|empty.jpg'):
+        supervised.train_and_evaluate(config, str(tmp_path / 'strict'))
+    assert not os.path.exists(str(tmp_path / 'strict'))

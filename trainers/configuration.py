@@ -197,6 +197,20 @@ def labeled_source(config: ml_collections.ConfigDict):
     return source.select(input_pipeline.per_class_indices(source.labels, per_class))
 
 
+def check_data(config: ml_collections.ConfigDict, splits: Iterable[tuple[str, str]]) -> None:
+    """Checks the image files of every `folder:` (dataset, split) once, before training:
+    each bad file is logged, and a split past `config.data.max_bad_fraction` stops the
+    run (input_pipeline.BadDataError). tfds datasets are checked as they are read."""
+    import input_pipeline  # noqa: PLC0415
+
+    for dataset, split in dict.fromkeys(splits):
+        report = input_pipeline.check_dataset(config.data, dataset, split)
+        if report.checked and report.bad:
+            from absl import logging  # noqa: PLC0415
+
+            logging.warning('%s', report.summary())
+
+
 def changed_fields(old: dict, new: dict, fields: Iterable[str]) -> list[str]:
     """The `fields` whose values differ between two `config.to_dict()`s (dotted paths
     into nested sections, so the message names `data.randaugment_layers`, not `data`)."""

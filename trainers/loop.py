@@ -331,7 +331,8 @@ def run(phase: Phase, config, logger: MetricsLogger) -> Outcome:
     state, resumed = restore_latest(ckpt, phase.state, phase.to_ckpt, phase.from_ckpt)
     start = ckpt.latest_step() if resumed else 0
     logger.drop_after(start + offset)
-    outcome = Outcome(state=state, start_step=start, step=start, eval_results={}, skipped_examples=0)
+    outcome = Outcome(state=state, start_step=start, step=start, eval_results={},
+                      skipped_examples=logger.total('skipped', phase.name, start + offset))
     if start >= total:
         return outcome
     metrics = _Metrics(phase, ckpt)
@@ -381,7 +382,10 @@ def run(phase: Phase, config, logger: MetricsLogger) -> Outcome:
         finish_saves(ckpt, step)
     finally:
         batches.close()
-    outcome.state, outcome.step, outcome.skipped_examples = state, step, metrics.skipped
+    # Skipped before a resume come from the rows kept in metrics.jsonl (reporting only:
+    # the max_bad_fraction check uses this session's global counts, equal on every process).
+    outcome.state, outcome.step = state, step
+    outcome.skipped_examples = logger.total('skipped', phase.name, start + offset) + metrics.skipped
     return outcome
 
 
@@ -404,6 +408,16 @@ def _poll_save_errors(ckpt: Checkpointer, step: int) -> None:
         ckpt.manager.check_for_errors()
     except Exception as e:  # noqa: BLE001
         raise _write_error(ckpt, getattr(ckpt, 'last_save', step), e) from e
+
+
+@contextlib.contextmanager
+def closing(ckpt: Checkpointer, logger: MetricsLogger):
+    """Closes a run's checkpointer (waiting for its saves) and metrics however it ends."""
+    try:
+        yield
+    finally:
+        ckpt.close()
+        logger.close()
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -72,7 +72,6 @@ MPL steps)) and `results.json`: `top1` (the final student: the fine-tuned one wh
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -212,8 +211,11 @@ def train_batches(config, labeled, unlabeled, start_step: int, pipe_kw: dict) ->
     u_strong = input_pipeline.create_train_iterator(
         config.data, global_batch_size=b_u, seed=config.seed + 1, source=unlabeled, **common)
     for l_b, w_b, s_b in zip(lab, u_weak, u_strong, strict=True):
-        yield {'image': l_b['image'], 'label': l_b['label'], 'image_uw': w_b['image'],
-               'image_us': s_b['image']}
+        batch = {'image': l_b['image'], 'label': l_b['label'], 'image_uw': w_b['image'],
+                 'image_us': s_b['image']}
+        if 'valid' in l_b:  # undecodable images' stand-ins count for nothing
+            batch['valid'], batch['valid_u'] = l_b['valid'], w_b['valid'] * s_b['valid']
+        yield batch
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -248,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """
     _validate(config)
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
+    configuration.check_data(config, [(config.dataset, config.train_split), (config.dataset, config.eval_split)])
     s_cfg = models.get_model_cfg(config.model)
     if s_cfg.input_size[2] != models.get_model_cfg(config.teacher_model).input_size[2]:
         raise ConfigError(f'Teacher {config.teacher_model} and student {config.model} take different '
@@ -318,7 +321,7 @@ def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
         max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
     )
     t0 = time.time()
-    try:
+    with loop.closing(ckpt, logger):
         outcome = loop.run(phase, config, logger)
         mpl_results = outcome.eval_results or mpl_eval(outcome.state, total)
         results = {
@@ -341,11 +344,7 @@ def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
                 results['finetuned_ema'] = ft[f'{split}_ema']
         results['train_time_s'] = round(time.time() - t0, 2)
         logger.write_results(results)
-        logging.info('Final results: %s', json.dumps(results))
         return results
-    finally:
-        ckpt.close()
-        logger.close()
 
 
 def _finetune(config, student: core.TrainState, model, shardings, mesh, labeled, pipe_kw, logger,
@@ -372,9 +371,9 @@ def _finetune(config, student: core.TrainState, model, shardings, mesh, labeled,
     split, offset = config.eval_split, config.num_train_steps
 
     def evaluate(st, step):
-        variants = loop.state_variants(st, f'{split}_finetuned', eval_step, use_ema)
-        out = evaluator(variants, step)
-        return {k.replace('_finetuned', ''): v for k, v in out.items()}
+        variants = [(f'{name}_finetuned', *rest)  # test_finetuned, test_ema_finetuned
+                    for name, *rest in loop.state_variants(st, split, eval_step, use_ema)]
+        return {k.removesuffix('_finetuned'): v for k, v in evaluator(variants, step).items()}
 
     def batches(start: int):
         return input_pipeline.create_train_iterator(

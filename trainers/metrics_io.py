@@ -79,6 +79,16 @@ class MetricsLogger:
             logging.info('Dropped %d metrics records past step %d (they are logged again).', dropped, step)
         self._jsonl = open(path, 'a')
 
+    def total(self, key: str, split: str, up_to_step: int) -> int:
+        """Sum of `key` over this file's `split` records up to a step (process 0; 0 elsewhere)."""
+        path = os.path.join(self.workdir, 'metrics.jsonl')
+        if not self.is_main or not os.path.exists(path):
+            return 0
+        self._jsonl.flush()
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return int(sum(r.get(key, 0) for r in rows if r.get('split') == split and r['step'] <= up_to_step))
+
     def flush(self) -> None:
         if self.is_main:
             self._jsonl.flush()
@@ -135,6 +145,8 @@ class MetricsLogger:
         )
 
     def write_results(self, results: dict[str, Any]) -> None:
+        """`results.json` (atomically) and the final console line."""
+        logging.info('Final results: %s', json.dumps(results))
         if self.is_main:
             path = os.path.join(self.workdir, 'results.json')
             tmp = path + '.tmp'

@@ -57,7 +57,13 @@ def apply_reward_baseline(reward: jax.Array, baseline: jax.Array, decay: float):
     return reward - new, new
 
 
-def mpl_teacher_loss(teacher_logits_u: jax.Array, pseudo_labels: jax.Array, reward) -> jax.Array:
+def _mean(values: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """The mean over the examples whose `valid` is 1 (all when None)."""
+    return values.mean() if valid is None else core.batch_loss(values, {'valid': valid})
+
+
+def mpl_teacher_loss(teacher_logits_u: jax.Array, pseudo_labels: jax.Array, reward,
+                     valid: jax.Array | None = None) -> jax.Array:
     """The teacher's MPL term h * mean_i CE(y_hat_i, T(u_i)).
 
     Args:
@@ -69,10 +75,11 @@ def mpl_teacher_loss(teacher_logits_u: jax.Array, pseudo_labels: jax.Array, rewa
     gradient of E_{y_hat ~ p_T}[L_l(S'(y_hat))] when h = L_l(S) - L_l(S').
     """
     ce = optax.softmax_cross_entropy(teacher_logits_u, jax.lax.stop_gradient(pseudo_labels))
-    return jax.lax.stop_gradient(reward) * ce.mean()
+    return jax.lax.stop_gradient(reward) * _mean(ce, valid)
 
 
-def soft_mpl_teacher_loss(teacher_probs_u: jax.Array, coefficients: jax.Array, eta) -> jax.Array:
+def soft_mpl_teacher_loss(teacher_probs_u: jax.Array, coefficients: jax.Array, eta,
+                          valid: jax.Array | None = None) -> jax.Array:
     """First-order change of L_l for soft pseudo-labels: eta * mean_i sum_k p_ik c_ik.
 
     Args:
@@ -81,10 +88,11 @@ def soft_mpl_teacher_loss(teacher_probs_u: jax.Array, coefficients: jax.Array, e
       eta: the student's learning rate.
     """
     c = jax.lax.stop_gradient(coefficients)
-    return eta * jnp.mean(jnp.sum(teacher_probs_u * c, axis=-1))
+    return eta * _mean(jnp.sum(teacher_probs_u * c, axis=-1), valid)
 
 
-def uda_loss(logits_weak: jax.Array, logits_strong: jax.Array, threshold: float, temperature: float):
+def uda_loss(logits_weak: jax.Array, logits_strong: jax.Array, threshold: float, temperature: float,
+             valid: jax.Array | None = None):
     """UDA consistency (Xie et al. 2020) as the MPL code uses it.
 
     Targets p = stop_gradient(softmax(logits_weak / temperature)); examples with
@@ -94,6 +102,8 @@ def uda_loss(logits_weak: jax.Array, logits_strong: jax.Array, threshold: float,
     """
     p = jax.lax.stop_gradient(jax.nn.softmax(logits_weak.astype(jnp.float32) / temperature))
     mask = (jnp.max(p, axis=-1) >= threshold).astype(jnp.float32)
+    if valid is not None:  # undecodable images' stand-ins are never consistent targets
+        mask = mask * valid
     log_q = jax.nn.log_softmax(logits_strong.astype(jnp.float32))
     kl = jnp.sum(p * (jnp.log(jnp.clip(p, 1e-30)) - log_q), axis=-1)
     return jnp.sum(kl * mask) / logits_weak.shape[0], mask.mean()
@@ -146,14 +156,15 @@ def _student_step(model, tx, s: core.TrainState, batch: dict, targets, rngs, *, 
     x_l, y_l, u_s = batch['image'], batch['label'], batch['image_us']
     n_u = u_s.shape[0]
     s_rng, s2_rng = rngs
+    v_l, v_u = batch.get('valid'), batch.get('valid_u')
 
     def forward(params):
         return _apply(model, params, s.batch_stats, jnp.concatenate([u_s, x_l]), s_rng)
 
     def loss(params):
         logits, stats = forward(params)
-        loss_u = optax.softmax_cross_entropy(logits[:n_u], _smooth(targets, label_smoothing)).mean()
-        return loss_u, (core.cross_entropy(logits[n_u:], y_l).mean(), stats)
+        loss_u = _mean(optax.softmax_cross_entropy(logits[:n_u], _smooth(targets, label_smoothing)), v_u)
+        return loss_u, (_mean(core.cross_entropy(logits[n_u:], y_l), v_l), stats)
 
     (loss_u, (before, stats)), g_u = jax.value_and_grad(loss, has_aux=True)(s.params)
     updates, opt_state = tx.update(g_u, s.opt_state, s.params)
@@ -161,7 +172,7 @@ def _student_step(model, tx, s: core.TrainState, batch: dict, targets, rngs, *, 
 
     def labeled_after(p):
         logits, _ = _apply(model, p, stats, x_l, s2_rng)
-        return core.cross_entropy(logits, y_l).mean()
+        return _mean(core.cross_entropy(logits, y_l), v_l)
 
     out = dict(loss_u=loss_u, before=before, stats=stats, g_u=g_u, params=params, opt_state=opt_state)
     if use_dot:
@@ -183,13 +194,14 @@ def _teacher_objective(logits, batch: dict, targets, student: dict, advantage, e
     label_smoothing = config.get('label_smoothing', 0.0)
     n_l, n_u = batch['image'].shape[0], batch['image_uw'].shape[0]
     lg_l, lg_w, lg_s = logits[:n_l], logits[n_l:n_l + n_u], logits[n_l + n_u:]
-    sup = core.cross_entropy(lg_l, batch['label'], label_smoothing).mean()
-    cons, kept = uda_loss(lg_w, lg_s, uda.threshold, uda.temperature)
+    v_l, v_u = batch.get('valid'), batch.get('valid_u')
+    sup = _mean(core.cross_entropy(lg_l, batch['label'], label_smoothing), v_l)
+    cons, kept = uda_loss(lg_w, lg_s, uda.threshold, uda.temperature, v_u)
     if mpl.pseudo_label == 'soft':
         probs = _smooth(jax.nn.softmax(lg_s), label_smoothing)
-        mpl_term = mpl.reward_sign * soft_mpl_teacher_loss(probs, student['coefficients'], eta)
+        mpl_term = mpl.reward_sign * soft_mpl_teacher_loss(probs, student['coefficients'], eta, v_u)
     else:
-        mpl_term = mpl_teacher_loss(lg_s, targets, advantage)
+        mpl_term = mpl_teacher_loss(lg_s, targets, advantage, v_u)
     return sup + w_uda * cons + mpl_term, (sup, cons, kept, mpl_term)
 
 
@@ -245,6 +257,8 @@ def make_mpl_step(
             'grad_norm': optax.global_norm(g_t), 'student_grad_norm': optax.global_norm(st['g_u']),
             'param_norm': optax.global_norm(st['params']), 'lr': eta, 'teacher_lr': teacher_schedule(step),
         }
+        if 'valid' in batch:
+            metrics['skipped'] = jnp.sum(1.0 - batch['valid']) + jnp.sum(1.0 - batch['valid_u'])
         return MPLState(teacher=teacher, student=student, reward_baseline=baseline), metrics
 
     return step_fn

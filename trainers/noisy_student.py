@@ -132,14 +132,20 @@ def _load_manifest(path: str, identity: dict) -> dict:
 
 
 def _shard_logits(apply, variables, batches, on_batch) -> np.ndarray:
-    """Logits of every real (unpadded, `mask` > 0) example of the batches, in order."""
-    outs, masks = [], []
+    """Logits of every example of the batches, in order, without the padding rows. An
+    image that could not be decoded (`valid` 0) gets NaN logits: no confidence reaches
+    `min_confidence`, so it is never pseudo-labelled."""
+    outs, masks, valids = [], [], []
     for i, batch in enumerate(batches):
         outs.append(apply(variables, batch['image']))
         masks.append(batch['mask'])
+        valids.append(batch['valid'] if 'valid' in batch else batch['mask'] * 0 + 1)
         on_batch(i, outs[-1])
-    logits = np.concatenate(jax.device_get(outs))
-    return logits[np.concatenate([np.asarray(jax.device_get(m)) for m in masks]) > 0]
+    logits = np.concatenate(jax.device_get(outs)).astype(np.float32)
+    mask = np.concatenate([np.asarray(jax.device_get(m)) for m in masks]) > 0
+    valid = np.concatenate([np.asarray(jax.device_get(v)) for v in valids]) > 0
+    logits[~valid] = np.nan
+    return logits[mask | ~valid]
 
 
 def infer_logits(
@@ -289,6 +295,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Runs (or resumes) `num_iterations` Noisy Student rounds; returns the results."""
     _validate(config)
     info = input_pipeline.get_dataset_info(config.dataset, config.data.data_dir, config.data.download)
+    configuration.check_data(config, [(config.dataset, config.train_split), (config.dataset, config.eval_split),
+                                      (config.unlabeled_dataset, config.unlabeled_split)])
 
     # The unlabeled pool: a dataset split, minus the labeled examples when it is the
     # labeled split itself (labels of the pool are never read).

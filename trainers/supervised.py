@@ -101,6 +101,9 @@ def train_and_evaluate(
     if config.get('hyperrule'):
         config = hyperrule.resolve(config)
     setup = build(config)
+    if train_iterator_fn is None:  # Noisy Student checks its own data once
+        configuration.check_data(config, [(config.dataset, config.train_split),
+                                          (config.dataset, config.eval_split)])
     with open_run(workdir, config, setup.info.class_names, options):
         return _train(config, workdir, setup, train_iterator_fn)
 
@@ -165,7 +168,7 @@ def _train(config, workdir: str, setup: Setup, train_iterator_fn) -> dict[str, A
         max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
     )
     t0 = time.time()
-    try:
+    with loop.closing(ckpt, logger):
         outcome = loop.run(phase, config, logger)
         final = outcome.eval_results or evaluate(outcome.state, outcome.step)
         results = {
@@ -178,8 +181,4 @@ def _train(config, workdir: str, setup: Setup, train_iterator_fn) -> dict[str, A
         if use_ema:
             results['ema'] = final.get(f'{config.eval_split}_ema')
         logger.write_results(results)
-        logging.info('Final results: %s', json.dumps(results))
         return results
-    finally:
-        ckpt.close()
-        logger.close()
