@@ -183,6 +183,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise ConfigError(message) from e
 
 
+def _raised_in_orbax(record: logging_std.LogRecord) -> bool:
+    """Whether the record carries an exception whose traceback runs through orbax."""
+    if record.name != 'asyncio' or not record.exc_info or record.exc_info[2] is None:
+        return False
+    import traceback
+
+    return any('/orbax/' in frame.filename for frame in traceback.extract_tb(record.exc_info[2]))
+
+
 class _QuietLibraries(logging_std.Filter):
     """Keeps the console to our own lines: libraries' INFO chatter (orbax logs a dozen
     lines per checkpoint) is dropped; their warnings and errors still show."""
@@ -190,9 +199,12 @@ class _QuietLibraries(logging_std.Filter):
     NOISY = ('/orbax/', '/tensorflow_datasets/', '/jax/_src/', '/absl/')
 
     def filter(self, record: logging_std.LogRecord) -> bool:
-        if '/orbax/' in record.pathname and record.levelno >= logging_std.ERROR:
+        if record.levelno >= logging_std.ERROR and (
+            '/orbax/' in record.pathname or _raised_in_orbax(record)
+        ):
             # A failed save or restore is raised to the loop (trainers/loop.py), which
-            # reports it in one line; orbax's own report is a stack per thread.
+            # reports it in one line; orbax's own report is a stack per thread, and
+            # asyncio adds one per writer task ('Task exception was never retrieved').
             return False
         return record.levelno >= logging_std.WARNING or not any(
             part in record.pathname for part in self.NOISY

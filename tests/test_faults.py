@@ -129,13 +129,14 @@ def test_interrupts_lock_and_config_history(data_dir, tmp_path):
 
 
 def test_second_ctrl_c_aborts_at_once():
+    before = signal.getsignal(signal.SIGINT)  # pytest-xdist workers ignore SIGINT
     with loop.Interrupts() as interrupts:
         os.kill(os.getpid(), signal.SIGINT)
         assert interrupts.reason == 'SIGINT received'
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs between bytecodes
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_impossible_values_are_refused_before_any_work(data_dir, tmp_path):
@@ -337,3 +338,32 @@ def test_bad_images_are_skipped_counted_and_named(tmp_path, caplog):
     with pytest.raises(UserError, match='cut.jpg|empty.jpg'):
         supervised.train_and_evaluate(config, str(tmp_path / 'strict'))
     assert not os.path.exists(str(tmp_path / 'strict'))
+
+
+def test_orbax_writer_task_errors_are_left_to_the_loops_line():
+    """Under load, asyncio reports each failed orbax writer task ('Task exception was
+    never retrieved') with a stack; the loop's one line already says it all."""
+    import logging as logging_std
+
+    import train
+
+    def raised_from(filename):
+        namespace = {}
+        exec(compile('def write():\n    raise OSError(28, "No space left on device")\n',
+                     filename, 'exec'), namespace)
+        try:
+            namespace['write']()
+        except OSError:
+            return sys.exc_info()
+
+    def record(logger, exc_info, level=logging_std.ERROR):
+        return logging_std.LogRecord(logger, level, '/usr/lib/python3/asyncio/base_events.py',
+                                     1, 'Task exception was never retrieved', (), exc_info)
+
+    quiet = train._QuietLibraries()
+    orbax_error = raised_from('/venv/site-packages/orbax/checkpoint/serialization.py')
+    assert not quiet.filter(record('asyncio', orbax_error))
+    # Anything else asyncio or our own code reports still shows.
+    assert quiet.filter(record('asyncio', raised_from('/work/trainers/loop.py')))
+    assert quiet.filter(record('absl', orbax_error))
+    assert quiet.filter(record('asyncio', None))
