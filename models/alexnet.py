@@ -79,15 +79,20 @@ NCHW maps, so torchvision's fc6 weights load without a permutation.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
+from models import layers, registry
 from models.convert import NameRule, register_name_map
-from models.registry import register_model
+
+register_model = functools.partial(
+    registry.register_model, family='alexnet', classifier='fc8', first_conv='conv1'
+)
 
 _PAPER_OWT = (
     'Krizhevsky, "One weird trick for parallelizing convolutional neural networks", '
@@ -252,61 +257,31 @@ class LocalResponseNorm(nn.Module):
         return (xf / (self.k + self.alpha * window) ** self.beta).astype(x.dtype)
 
 
-class AlexNet(nn.Module):
+class AlexNet(layers.ImageClassifier):
     """A conv stack + FC classifier described by a :class:`NetSpec` (see module docstring).
+
+    Features: ``stem`` (conv block 1 after its LRN / pool), ``stage1``.. (every later conv
+    block), ``pre_logits`` (the last hidden FC layer's output, also what ``num_classes=0``
+    returns). Shared fields as :class:`layers.ImageClassifier`, with the papers' defaults
+    ``norm='none'`` and ``drop_rate=0.5`` (the hidden FC layers' dropout). ``padding`` covers
+    the padded convs (``ConvSpec.pad > 0``): ``'symmetric'`` uses the spec's explicit pads,
+    ``'tf_same'`` TF ``SAME``, also for torchvision's 11x11/4 conv1 whose pad 2 is not
+    ``k // 2`` (ceil(n / 4) outputs, which the adaptive pool absorbs); unpadded convs and the
+    max-pools stay VALID in both modes.
 
     Attributes:
         spec: the layer table.
-        num_classes: classifier size; 0 returns the last hidden FC layer's output.
-        norm: ``'none'`` (the published nets), ``'batch'`` or ``'group'`` after each conv.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout rate of the hidden FC layers (0.5 in every paper).
-        padding: padding mode of the padded convs (``ConvSpec.pad > 0``; see
-            :func:`layers.get_padding`): ``'symmetric'`` uses the spec's explicit pads,
-            ``'tf_same'`` TF ``SAME``, also for torchvision's 11x11/4 conv1 whose pad 2 is
-            not ``k // 2`` (ceil(n / 4) outputs, which the adaptive pool absorbs); unpadded
-            convs and the max-pools stay VALID in both modes.
     """
 
     spec: NetSpec
-    num_classes: int = 1000
-    norm: str = 'none'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.5
-    padding: str = 'symmetric'
+    norm: str = layers.kw_only('none')
+    drop_rate: float = layers.kw_only(0.5)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
-
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics and dropout on.
-            return_features: also return ``{'stem', 'stage1', ..., 'pre_logits'}``: the
-                output of conv block 1 (after its LRN / pool), of every later conv block,
-                and of the last hidden FC layer.
-
-        Returns:
-            float32 logits (B, num_classes) (``pre_logits`` when ``num_classes == 0``), and
-            the feature dict when ``return_features``.
-        """
-        layers.check_model_padding(self.padding, type(self).__name__)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
         # torch's default conv / linear init: uniform +-1/sqrt(fan_in) for weight and bias.
-        conv = layers.conv_factory(
-            self.weight_std,
-            self.dtype,
-            padding='valid',
-            kernel_init=layers.torch_default_kernel_init,
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
+        conv = self.make_conv('valid', kernel_init=layers.torch_default_kernel_init)
+        norm = self.make_norm(train)
         use_bias = self.norm == 'none'
-        features = {}
-
-        x = x.astype(self.dtype)
         for i, layer in enumerate(self.spec.convs):
             mode = 'valid'
             if layer.pad and self.padding == 'tf_same':
@@ -340,14 +315,13 @@ class AlexNet(nn.Module):
             x = nn.relu(_dense(width, x.shape[-1], self.dtype, f'fc{n_convs + 1 + j}')(x))
             if not self.spec.dropout_before_hidden and j < len(self.spec.hidden) - 1:
                 x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        x = x.astype(jnp.float32)
-        features['pre_logits'] = x
-        if self.num_classes:
-            if not self.spec.dropout_before_hidden:
-                x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            name = f'fc{n_convs + 1 + len(self.spec.hidden)}'
-            x = _dense(self.num_classes, x.shape[-1], self.dtype, name)(x).astype(jnp.float32)
-        return (x, features) if return_features else x
+        return x.astype(jnp.float32)
+
+    def classifier(self, x: jax.Array, train: bool, **kwargs) -> jax.Array:
+        # fc8 (fc9 in OverFeat-accurate); torchvision drops out before the hidden FCs only.
+        name = f'fc{len(self.spec.convs) + len(self.spec.hidden) + 1}'
+        drop_rate = 0.0 if self.spec.dropout_before_hidden else None
+        return super().classifier(x, train, name=name, drop_rate=drop_rate)
 
 
 def _dense(features: int, fan_in: int, dtype: layers.Dtype, name: str) -> nn.Dense:
@@ -369,45 +343,25 @@ def _dense(features: int, fan_in: int, dtype: layers.Dtype, name: str) -> nn.Den
 register_name_map(
     'alexnet',
     (
-        NameRule('features.0', 'conv1', 'conv'),
-        NameRule('features.3', 'conv2', 'conv'),
-        NameRule('features.6', 'conv3', 'conv'),
-        NameRule('features.8', 'conv4', 'conv'),
-        NameRule('features.10', 'conv5', 'conv'),
-        NameRule('classifier.1', 'fc6', 'linear'),
-        NameRule('classifier.4', 'fc7', 'linear'),
-        NameRule('classifier.6', 'fc8', 'linear'),
+        *(NameRule(f'features.{i}', f'conv{n}', 'conv') for n, i in enumerate((0, 3, 6, 8, 10), start=1)),
+        *(NameRule(f'classifier.{i}', f'fc{n}', 'linear') for n, i in enumerate((1, 4, 6), start=6)),
     ),
 )
 
 
-def _net(name: str, **kwargs) -> AlexNet:
-    return AlexNet(**{'spec': NET_SPECS[name], **kwargs})
+# Registered name (a NET_SPECS row) -> ModelCfg fields; parameter counts in the README table.
+ALEXNET_MODELS: dict[str, dict[str, Any]] = {
+    # top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256, centre crop).
+    'alexnet': dict(top1=56.522, paper=_PAPER_OWT),
+    # top1: 100 - 40.7, Table 2 of the paper (1 CNN, ILSVRC-2012 val, average of 10 patches).
+    'alexnet_original': dict(input_size=(227, 227, 3), crop_pct=227 / 256, top1=59.3, paper=_PAPER_2012),
+    # top1: 100 - 39.28, Table 2 of the paper (1 fast model, 1 scale, coarse stride).
+    'overfeat_fast': dict(input_size=(231, 231, 3), crop_pct=231 / 256, top1=60.72, paper=_PAPER_OVERFEAT),
+    # top1: 100 - 35.60, Table 2 of the paper (1 accurate model, 4 corners + centre + flip).
+    'overfeat_accurate': dict(
+        input_size=(221, 221, 3), crop_pct=221 / 256, top1=64.40, paper=_PAPER_OVERFEAT, classifier='fc9'
+    ),
+}
 
-
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256, centre crop).
-@register_model(top1=56.522, paper=_PAPER_OWT)
-def alexnet(**kwargs) -> AlexNet:
-    """torchvision's AlexNet, 61,100,840 parameters."""
-    return _net('alexnet', **kwargs)
-
-
-# top1: 100 - 40.7, Table 2 of the paper (1 CNN, ILSVRC-2012 val, average of 10 patches).
-@register_model(input_size=(227, 227, 3), crop_pct=227 / 256, top1=59.3, paper=_PAPER_2012)
-def alexnet_original(**kwargs) -> AlexNet:
-    """The two-GPU AlexNet of 2012 as one grouped network, 60,965,224 parameters."""
-    return _net('alexnet_original', **kwargs)
-
-
-# top1: 100 - 39.28, Table 2 of the paper (1 fast model, 1 scale, coarse stride).
-@register_model(input_size=(231, 231, 3), crop_pct=231 / 256, top1=60.72, paper=_PAPER_OVERFEAT)
-def overfeat_fast(**kwargs) -> AlexNet:
-    """OverFeat fast model (Table 1), 145,920,872 parameters."""
-    return _net('overfeat_fast', **kwargs)
-
-
-# top1: 100 - 35.60, Table 2 of the paper (1 accurate model, 4 corners + centre + flip).
-@register_model(input_size=(221, 221, 3), crop_pct=221 / 256, top1=64.40, paper=_PAPER_OVERFEAT)
-def overfeat_accurate(**kwargs) -> AlexNet:
-    """OverFeat accurate model (Table 3), 144,656,488 parameters."""
-    return _net('overfeat_accurate', **kwargs)
+for _name, _cfg in ALEXNET_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(AlexNet, spec=NET_SPECS[_name]))

@@ -120,6 +120,19 @@ class NameRule:
             raise ValueError(f'placeholders differ between {self.ref!r} and {self.ours!r}')
 
 
+def flat(kind: str, *refs: str) -> tuple[NameRule, ...]:
+    """Rows of modules whose path in ours is the reference name with ``.`` -> ``_``
+    (``stem.conv`` <-> ``stem_conv``, ``fc`` <-> ``fc``)."""
+    return tuple(NameRule(ref, ref.replace('.', '_'), kind) for ref in refs)
+
+
+def within(ref_prefix: str, ours_prefix: str, kind: str, *refs: str) -> tuple[NameRule, ...]:
+    """Rows of modules inside a block: ``{ref_prefix}.{ref}`` <-> ``{ours_prefix}/{ref}``
+    with ``.`` -> ``_`` in ``ref`` (``layer{s}.{b}`` + ``downsample.0`` <->
+    ``layer{s}_{b}/downsample_0``)."""
+    return tuple(NameRule(f'{ref_prefix}.{ref}', f'{ours_prefix}/{ref.replace(".", "_")}', kind) for ref in refs)
+
+
 def _placeholders(template: str) -> list[str]:
     return re.findall(r'\{(\w+)\}', template)
 
@@ -142,22 +155,25 @@ def register_leaf_kind(kind: str, leaves: Mapping[str, LeafSpec]) -> None:
     LEAF_KINDS[kind] = dict(leaves)
 
 
-def register_name_map(family: str, rules: Sequence[NameRule]) -> None:
-    """Registers the name map of a model family (the defining module's file name)."""
-    if family in _NAME_MAPS:
-        raise ValueError(f'name map for family {family!r} already registered')
-    _NAME_MAPS[family] = tuple(rules)
+def register_name_map(key: str, rules: Sequence[NameRule]) -> None:
+    """Registers a name map under a family (the ``family`` a model is registered with) or
+    under one registered model's name, which then takes precedence over its family's map
+    (VGG: torchvision numbers each variant's layers differently)."""
+    if key in _NAME_MAPS:
+        raise ValueError(f'name map {key!r} already registered')
+    _NAME_MAPS[key] = tuple(rules)
 
 
 def _rules_for(model_name: str) -> tuple[NameRule, ...]:
-    family = registry.get_model_family(model_name)
-    try:
-        return _NAME_MAPS[family]
-    except KeyError:
-        raise NotImplementedError(
-            f'no state-dict name map for family {family!r} (model {model_name!r}); '
-            f'families with maps: {sorted(_NAME_MAPS)}'
-        ) from None
+    name = registry.resolve_model_name(model_name)
+    family = registry.get_model_family(name)
+    for key in (name, family):
+        if key in _NAME_MAPS:
+            return _NAME_MAPS[key]
+    raise NotImplementedError(
+        f'no state-dict name map for model {model_name!r} or its family {family!r}; '
+        f'name maps: {sorted(_NAME_MAPS)}'
+    )
 
 
 def _ref_to_ours(rules: Sequence[NameRule], ref_key: str) -> tuple[tuple[str, ...], LeafSpec] | None:

@@ -33,15 +33,20 @@ bias 0, classifier weight like ``torch.nn.Linear`` and bias 0.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map, within
+
+register_model = functools.partial(
+    registry.register_model, family='densenet', classifier='classifier', first_conv='conv0'
+)
 
 _PAPER = 'Huang et al., "Densely Connected Convolutional Networks", CVPR 2017'
 
@@ -51,15 +56,15 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # torchvision initialises DenseNet convs with kaiming_normal_ defaults (fan_in, relu gain).
 _kaiming_normal_fan_in = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
-# name -> (growth k, layers per dense block, stem width). Huang et al. 2017, Table 1
+# name -> (growth k, layers per dense block, stem width, stem). Huang et al. 2017, Table 1
 # (121/169/201/264) and the authors' DenseNet-161; Table 2 for BC-100 (k=12).
-DENSENET_VARIANTS: dict[str, tuple[int, tuple[int, ...], int]] = {
-    'densenet121': (32, (6, 12, 24, 16), 64),
-    'densenet169': (32, (6, 12, 32, 32), 64),
-    'densenet201': (32, (6, 12, 48, 32), 64),
-    'densenet161': (48, (6, 12, 36, 24), 96),
-    'densenet264': (32, (6, 12, 64, 48), 64),
-    'densenet_bc_100_12': (12, (16, 16, 16), 24),
+DENSENET_VARIANTS: dict[str, tuple[int, tuple[int, ...], int, str]] = {
+    'densenet121': (32, (6, 12, 24, 16), 64, 'imagenet'),
+    'densenet169': (32, (6, 12, 32, 32), 64, 'imagenet'),
+    'densenet201': (32, (6, 12, 48, 32), 64, 'imagenet'),
+    'densenet161': (48, (6, 12, 36, 24), 96, 'imagenet'),
+    'densenet264': (32, (6, 12, 64, 48), 64, 'imagenet'),
+    'densenet_bc_100_12': (12, (16, 16, 16), 24, 'cifar'),
 }
 
 
@@ -140,8 +145,12 @@ class Transition(nn.Module):
         return nn.avg_pool(x, (2, 2), (2, 2), padding='VALID')
 
 
-class DenseNet(nn.Module):
+class DenseNet(layers.ImageClassifier):
     """DenseNet-BC (torchvision layout for the ImageNet stem).
+
+    Features: ``stem``, ``stage1``.. (the output of each dense block, before its
+    transition), ``pre_logits``. Shared fields as :class:`layers.ImageClassifier`
+    (``drop_rate`` is timm's classifier dropout; no residual branches, so no drop path).
 
     Attributes:
         growth_rate: k.
@@ -149,17 +158,10 @@ class DenseNet(nn.Module):
         stem_width: maps of the stem conv (2k in the paper).
         bn_size: bottleneck multiplier (4 in the paper).
         compression: transition width factor theta (0.5 for DenseNet-BC).
-        num_classes: classifier size; 0 returns pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT-style twin with ``norm='group'``).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (timm's ``drop_rate``).
         block_drop_rate: dropout on every dense layer's new maps (torchvision's
             ``drop_rate``).
         stem: ``'imagenet'`` (7x7/2 conv, norm, ReLU, 3x3/2 max-pool) or ``'cifar'``
             (one 3x3/1 conv; the first dense layer's norm follows it).
-        padding: padding mode of convs and the stem pool (see :func:`layers.get_padding`).
     """
 
     growth_rate: int = 32
@@ -167,41 +169,16 @@ class DenseNet(nn.Module):
     stem_width: int = 64
     bn_size: int = 4
     compression: float = 0.5
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
     block_drop_rate: float = 0.0
     stem: str = 'imagenet'
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    HEAD = 'classifier'
+    HEAD_INIT = (None, nn.initializers.zeros)  # torch.nn.Linear's weight init, zero bias
+    CHOICES = {'stem': ('imagenet', 'cifar')}
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics and dropout on.
-            return_features: also return ``{'stem', 'stage1'.., 'pre_logits'}``; stage i
-                is the output of dense block i (before its transition).
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.norm not in ('batch', 'group'):
-            raise ValueError(f"DenseNet norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.stem not in ('imagenet', 'cifar'):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=_kaiming_normal_fan_in
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
-
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=_kaiming_normal_fan_in)
+        norm = self.make_norm(train)
         if self.stem == 'imagenet':
             x = conv(self.stem_width, 7, 2, name='conv0')(x)
             x = nn.relu(norm(name='norm0')(x))
@@ -225,17 +202,7 @@ class DenseNet(nn.Module):
             if i != last:
                 width = int(x.shape[-1] * self.compression)
                 x = Transition(width, conv, norm, name=f'transition{i + 1}')(x)
-
-        x = nn.relu(norm(name='norm5')(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                bias_init=nn.initializers.zeros, name='classifier',
-            )
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return nn.relu(norm(name='norm5')(x))
 
 
 # torchvision state-dict names <-> ours (norm names kept for GroupNorm twins too).
@@ -244,67 +211,32 @@ register_name_map(
     (
         NameRule('features.conv0', 'conv0', 'conv'),
         NameRule('features.norm0', 'norm0', 'norm'),
-        NameRule(
-            'features.denseblock{b}.denselayer{l}.conv{i}', 'denseblock{b}/denselayer{l}/conv{i}', 'conv'
-        ),
-        NameRule(
-            'features.denseblock{b}.denselayer{l}.norm{i}', 'denseblock{b}/denselayer{l}/norm{i}', 'norm'
-        ),
-        NameRule('features.transition{t}.conv', 'transition{t}/conv', 'conv'),
-        NameRule('features.transition{t}.norm', 'transition{t}/norm', 'norm'),
+        *within('features.denseblock{b}.denselayer{l}', 'denseblock{b}/denselayer{l}', 'conv', 'conv{i}'),
+        *within('features.denseblock{b}.denselayer{l}', 'denseblock{b}/denselayer{l}', 'norm', 'norm{i}'),
+        *within('features.transition{t}', 'transition{t}', 'conv', 'conv'),
+        *within('features.transition{t}', 'transition{t}', 'norm', 'norm'),
         NameRule('features.norm5', 'norm5', 'norm'),
-        NameRule('classifier', 'classifier', 'linear'),
+        *flat('linear', 'classifier'),
     ),
 )
 
 
-def _densenet(name: str, **kwargs) -> DenseNet:
-    growth, blocks, stem_width = DENSENET_VARIANTS[name]
-    return DenseNet(
-        **{'growth_rate': growth, 'block_config': blocks, 'stem_width': stem_width, **kwargs}
+# Registered name -> ModelCfg fields (the architecture is its DENSENET_VARIANTS row);
+# parameter counts in the README table. top1: torchvision IMAGENET1K_V1 weights (224 px,
+# resize 256, centre crop, bilinear). DenseNet-264 (the paper's Table 1 column, plain 7x7
+# stem) has no released weights and no reference implementation: top1 stays None.
+# DenseNet-BC (L=100, k=12) is the CIFAR model of Table 2 ("0.8M" parameters).
+DENSENET_MODELS: dict[str, dict[str, Any]] = {
+    'densenet121': dict(top1=74.434),
+    'densenet169': dict(top1=75.600),
+    'densenet201': dict(top1=76.896),
+    'densenet161': dict(top1=77.138),
+    'densenet264': dict(),
+    'densenet_bc_100_12': dict(input_size=(32, 32, 3), mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0, num_classes=10),
+}
+
+for _name, _cfg in DENSENET_MODELS.items():
+    _growth, _blocks, _stem_width, _stem = DENSENET_VARIANTS[_name]
+    register_model(name=_name, paper=_PAPER, **_cfg)(
+        functools.partial(DenseNet, growth_rate=_growth, block_config=_blocks, stem_width=_stem_width, stem=_stem)
     )
-
-
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256, centre crop, bilinear).
-@register_model(top1=74.434, paper=_PAPER)
-def densenet121(**kwargs) -> DenseNet:
-    """DenseNet-121 (Table 1), 7,978,856 parameters."""
-    return _densenet('densenet121', **kwargs)
-
-
-@register_model(top1=75.600, paper=_PAPER)
-def densenet169(**kwargs) -> DenseNet:
-    """DenseNet-169 (Table 1), 14,149,480 parameters."""
-    return _densenet('densenet169', **kwargs)
-
-
-@register_model(top1=76.896, paper=_PAPER)
-def densenet201(**kwargs) -> DenseNet:
-    """DenseNet-201 (Table 1), 20,013,928 parameters."""
-    return _densenet('densenet201', **kwargs)
-
-
-@register_model(top1=77.138, paper=_PAPER)
-def densenet161(**kwargs) -> DenseNet:
-    """DenseNet-161 (k=48, authors' release), 28,681,000 parameters."""
-    return _densenet('densenet161', **kwargs)
-
-
-# No released weights and no reference implementation: top1 stays None.
-@register_model(paper=_PAPER)
-def densenet264(**kwargs) -> DenseNet:
-    """DenseNet-264 as in the paper's Table 1 (plain 7x7 stem), 33,337,704 parameters."""
-    return _densenet('densenet264', **kwargs)
-
-
-@register_model(
-    input_size=(32, 32, 3),
-    mean=CIFAR10_MEAN,
-    std=CIFAR10_STD,
-    crop_pct=1.0,
-    num_classes=10,
-    paper=_PAPER,
-)
-def densenet_bc_100_12(**kwargs) -> DenseNet:
-    """DenseNet-BC (L=100, k=12) for CIFAR (Table 2: 0.8M params), 769,162 at 10 classes."""
-    return _densenet('densenet_bc_100_12', **{'stem': 'cifar', **kwargs})

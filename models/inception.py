@@ -1,4 +1,5 @@
-"""GoogLeNet (Inception v1), BN-Inception (Inception v2) and Inception v3.
+"""GoogLeNet (Inception v1) and BN-Inception (Inception v2); Inception v3 is
+:mod:`models.inception_v3`, built from this module's units.
 
 * ``googlenet``: Szegedy et al., "Going Deeper with Convolutions", CVPR 2015, Table 1, as
   torchvision implements it: BatchNorm (eps 1e-3) after every conv, and the torchvision
@@ -11,9 +12,6 @@
   Training by Reducing Internal Covariate Shift", ICML 2015, Figure 5. No timm/torchvision
   reference exists; the layer table below is Figure 5 verbatim. See :class:`BNInception`
   for the parameter count derived from it and the two places the figure is ambiguous.
-* ``inception_v3``: Szegedy et al., "Rethinking the Inception Architecture for Computer
-  Vision", CVPR 2016, as timm's ``inception_v3`` (== torchvision's): BN eps 1e-3,
-  299 px, 23,834,568 parameters (27,161,264 with ``aux_logits=True``).
 
 Auxiliary classifiers (``aux_logits=True``; default off): their parameters exist from
 ``init`` on, they run in train mode only, and ``__call__`` still returns just the main
@@ -21,12 +19,11 @@ logits (so every trainer works unchanged). The auxiliary logits are ``sow`` n in
 ``'intermediates'`` collection: ``model.apply(v, x, train=True, mutable=['batch_stats',
 'intermediates'], rngs=...)`` returns them as ``intermediates['aux_logits1'][0]`` and
 ``['aux_logits2'][0]`` (GoogLeNet, torchvision's names) or ``['aux_logits'][0]``
-(Inception v3). Without ``'intermediates'``
-in ``mutable`` the sow is a no-op.
+(Inception v3). Without ``'intermediates'`` in ``mutable`` the sow is a no-op.
 
-Initialisation follows each reference: GoogLeNet convs and linears N(0, 0.01), Inception v3
-N(0, 0.1) (aux conv1 0.01, aux fc 0.001); torch truncates at +-2 *absolute*, which at these
-stds is no truncation, so a plain normal is used. Linear biases as ``torch.nn.Linear``.
+Initialisation follows each reference: GoogLeNet convs and linears N(0, 0.01); torch
+truncates at +-2 *absolute*, which at this std is no truncation, so a plain normal is used.
+Linear biases as ``torch.nn.Linear``.
 BN-Inception (no reference) uses He-normal (fan_out) convs. Norm scale 1, bias 0.
 
 Padding (the ``padding`` field of every network): ``'symmetric'`` (default) is the
@@ -49,16 +46,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, registry
+from models.alexnet import adaptive_avg_pool
 from models.convert import NameRule, register_name_map
-from models.registry import register_model
+
+register_model = functools.partial(registry.register_model, family='inception', classifier='fc')
 
 _GOOGLENET_PAPER = 'Szegedy et al., "Going Deeper with Convolutions", CVPR 2015'
 _BN_PAPER = (
     'Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing '
     'Internal Covariate Shift", ICML 2015'
 )
-_V3_PAPER = 'Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", CVPR 2016'
 INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
@@ -98,21 +96,6 @@ BN_INCEPTION_STAGES: tuple[tuple[tuple[str, int, int, int, int, int, int, str, i
         ('inception5a', 1, 352, 192, 320, 160, 224, 'avg', 128),
         ('inception5b', 1, 352, 192, 320, 192, 224, 'max', 128),
     ),
-)
-
-# Inception v3 (timm/torchvision layout; Szegedy et al. 2016 Table 1 and Figs. 5-7), one
-# tuple of modules per stage: (name, block type, width argument). Type 'A' takes the pool
-# projection width, 'C' the 7x7 branch width (Fig. 6's n x n factorisation, n = 7).
-INCEPTION_V3_STAGES: tuple[tuple[tuple[str, str, int], ...], ...] = (
-    (('Mixed_5b', 'A', 32), ('Mixed_5c', 'A', 64), ('Mixed_5d', 'A', 64)),
-    (
-        ('Mixed_6a', 'B', 0),
-        ('Mixed_6b', 'C', 128),
-        ('Mixed_6c', 'C', 160),
-        ('Mixed_6d', 'C', 160),
-        ('Mixed_6e', 'C', 192),
-    ),
-    (('Mixed_7a', 'D', 0), ('Mixed_7b', 'E', 0), ('Mixed_7c', 'E', 0)),
 )
 
 # ------------------------------------------------------------------------ building blocks
@@ -199,27 +182,6 @@ def avg_pool(
     )
 
 
-def adaptive_avg_pool(x: jax.Array, size: int) -> jax.Array:
-    """``torch.nn.functional.adaptive_avg_pool2d`` on NHWC: bin ``i`` of ``n`` input rows
-    covers ``[floor(i n / size), ceil((i + 1) n / size))`` (bins overlap when size does not
-    divide n, e.g. GoogLeNet's 14 -> 4)."""
-    h, w = x.shape[1:3]
-
-    def bounds(n: int) -> list[tuple[int, int]]:
-        return [((i * n) // size, -(-((i + 1) * n) // size)) for i in range(size)]
-
-    rows = [
-        jnp.stack([jnp.mean(x[:, r0:r1, c0:c1], axis=(1, 2)) for c0, c1 in bounds(w)], axis=1)
-        for r0, r1 in bounds(h)
-    ]
-    return jnp.stack(rows, axis=1)
-
-
-def check_norm(norm: str) -> None:
-    if norm not in ('batch', 'group'):
-        raise ValueError(f"norm must be 'batch' or 'group', got {norm!r}")
-
-
 def conv_bn_rules(ref: str, ours: str) -> tuple[NameRule, NameRule]:
     """Name-map rows of one :class:`BasicConv2d` (torch ``BasicConv2d`` / timm ``ConvNormAct``)."""
     return NameRule(f'{ref}.conv', f'{ours}/conv', 'conv'), NameRule(f'{ref}.bn', f'{ours}/bn', 'norm')
@@ -295,49 +257,33 @@ class InceptionV1Aux(nn.Module):
         return head(x, self.num_classes, drop_rate=self.drop_rate, name='fc2')
 
 
-class GoogLeNet(nn.Module):
+class GoogLeNet(layers.ImageClassifier):
     """GoogLeNet / Inception v1 (torchvision layout, Szegedy et al. 2015 Table 1).
+
+    Shared fields as :class:`layers.ImageClassifier` (``drop_rate`` 0.2 as torchvision);
+    ``padding='tf_same'`` turns the ceil-mode max-pools into TF ``SAME`` pools, which agree
+    with them at even sizes and pad one pixel on both sides (one more output) at odd ones.
 
     Attributes:
         stages: modules per stage (see :data:`GOOGLENET_STAGES`).
-        num_classes: classifier size; 0 returns pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (0.2 in torchvision).
         aux_logits: build the two auxiliary classifiers (see the module docstring).
         aux_drop_rate: dropout inside the auxiliary classifiers.
-        padding: padding mode of the padded convs and pools (see the module docstring);
-            ``'tf_same'`` turns the ceil-mode max-pools into TF ``SAME`` pools, which agree
-            with them at even sizes and pad one pixel on both sides (one more output) at
-            odd ones.
     """
 
     stages: tuple = GOOGLENET_STAGES
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.2
     aux_logits: bool = False
     aux_drop_rate: float = 0.7
-    padding: str = 'symmetric'
+    drop_rate: float = layers.kw_only(0.2)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images; returns logits (and the feature dict)."""
-        check_norm(self.norm)
-        layers.check_model_padding(self.padding, type(self).__name__)
-        init = nn.initializers.normal(0.01)
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=init)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
+    HEAD_INIT = (nn.initializers.normal(0.01), None)
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        init = self.HEAD_INIT[0]
+        conv = self.make_conv(kernel_init=init)
+        norm = self.make_norm(train, epsilon=1e-3)
         cbr = functools.partial(BasicConv2d, conv=conv, norm=norm)
         run_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
-        features = {}
 
-        x = x.astype(self.dtype)
         x = cbr(64, 7, 2, padding='same', name='conv1')(x)
         x = max_pool(x, 3, 2, ceil_mode=True, mode=self.padding)
         x = cbr(64, 1, name='conv2')(x)
@@ -363,16 +309,7 @@ class GoogLeNet(nn.Module):
         if train and not self.is_initializing():
             for key, value in aux.items():
                 self.sow('intermediates', f'aux_logits{key[-1]}', value.astype(jnp.float32))
-
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                kernel_init=init, name='fc',
-            )
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return x
 
 
 # --------------------------------------------------------------- BN-Inception (v2)
@@ -421,7 +358,7 @@ class BNInceptionBlock(nn.Module):
         return jnp.concatenate(outs, axis=-1)
 
 
-class BNInception(nn.Module):
+class BNInception(layers.ImageClassifier):
     """BN-Inception / Inception v2 (Ioffe & Szegedy 2015, Figure 5).
 
     Stem ``conv1`` 7x7/2 64, max-pool 3x3/2, ``conv2`` 1x1 64 (the table's "#3x3 reduce"),
@@ -438,38 +375,19 @@ class BNInception(nn.Module):
     table concatenate to 608, 608 and 1056; we follow the filter counts. Pool padding is
     not given; we pad 3x3 pools by 1 so all branches agree at any input size.
 
+    Shared fields as :class:`layers.ImageClassifier`.
+
     Attributes:
         stages: modules per stage (see :data:`BN_INCEPTION_STAGES`).
-        num_classes: classifier size; 0 returns pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        padding: padding mode of the padded convs and pools (see the module docstring).
     """
 
     stages: tuple = BN_INCEPTION_STAGES
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images; returns logits (and the feature dict)."""
-        check_norm(self.norm)
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv, norm = self.make_conv(), self.make_norm(train)
         cbr = functools.partial(BasicConv2d, conv=conv, norm=norm, padding='same')
         pool = functools.partial(max_pool, window=3, strides=2, padding=1, mode=self.padding)
-        features = {}
 
-        x = x.astype(self.dtype)
         x = pool(cbr(64, 7, 2, name='conv1')(x))
         x = pool(cbr(192, 3, name='conv3')(cbr(64, 1, name='conv2')(x)))
         features['stem'] = x
@@ -479,258 +397,13 @@ class BNInception(nn.Module):
                     strides, (c1, r3, c3, rd, d3, pp), pool_kind, conv, norm, self.padding, name=name
                 )(x)
             features[f'stage{s + 1}'] = x
-
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype, name='fc'
-            )
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
-
-
-# ------------------------------------------------------------------------ Inception v3
-
-
-class InceptionV3A(nn.Module):
-    """35x35 module (Szegedy et al. 2016 Fig. 5; torchvision keeps a 5x5 branch).
-
-    Attributes:
-        pool_features: width of the pool projection.
-        conv: conv constructor.
-        norm: norm constructor.
-    """
-
-    pool_features: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-
-    CONVS: ClassVar[tuple[str, ...]] = (
-        'branch1x1', 'branch5x5_1', 'branch5x5_2', 'branch3x3dbl_1', 'branch3x3dbl_2',
-        'branch3x3dbl_3', 'branch_pool',
-    )  # fmt: skip
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
-        b1 = cbr(64, 1, name='branch1x1')(x)
-        b5 = cbr(64, 5, name='branch5x5_2')(cbr(48, 1, name='branch5x5_1')(x))
-        b3 = cbr(64, 1, name='branch3x3dbl_1')(x)
-        b3 = cbr(96, 3, name='branch3x3dbl_3')(cbr(96, 3, name='branch3x3dbl_2')(b3))
-        bp = cbr(self.pool_features, 1, name='branch_pool')(avg_pool(x, 3, 1, padding=1))
-        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
-
-
-class InceptionV3B(nn.Module):
-    """35 -> 17 grid reduction (Szegedy et al. 2016 Fig. 10)."""
-
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-
-    CONVS: ClassVar[tuple[str, ...]] = ('branch3x3', 'branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3')
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm)
-        b3 = cbr(384, 3, 2, name='branch3x3')(x)
-        bd = cbr(64, 1, name='branch3x3dbl_1')(x)
-        bd = cbr(96, 3, padding='same', name='branch3x3dbl_2')(bd)
-        bd = cbr(96, 3, 2, name='branch3x3dbl_3')(bd)
-        return jnp.concatenate([b3, bd, max_pool(x, 3, 2)], axis=-1)
-
-
-class InceptionV3C(nn.Module):
-    """17x17 module with 7x7 factorised into 1x7 and 7x1 (Szegedy et al. 2016 Fig. 6).
-
-    Attributes:
-        channels_7x7: width inside the factorised branches.
-        conv: conv constructor.
-        norm: norm constructor.
-    """
-
-    channels_7x7: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-
-    CONVS: ClassVar[tuple[str, ...]] = (
-        'branch1x1', 'branch7x7_1', 'branch7x7_2', 'branch7x7_3', 'branch7x7dbl_1',
-        'branch7x7dbl_2', 'branch7x7dbl_3', 'branch7x7dbl_4', 'branch7x7dbl_5', 'branch_pool',
-    )  # fmt: skip
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c7 = self.channels_7x7
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
-        b1 = cbr(192, 1, name='branch1x1')(x)
-        b7 = cbr(c7, 1, name='branch7x7_1')(x)
-        b7 = cbr(c7, (1, 7), name='branch7x7_2')(b7)
-        b7 = cbr(192, (7, 1), name='branch7x7_3')(b7)
-        bd = cbr(c7, 1, name='branch7x7dbl_1')(x)
-        for i, (width, kernel) in enumerate(((c7, (7, 1)), (c7, (1, 7)), (c7, (7, 1)), (192, (1, 7)))):
-            bd = cbr(width, kernel, name=f'branch7x7dbl_{i + 2}')(bd)
-        bp = cbr(192, 1, name='branch_pool')(avg_pool(x, 3, 1, padding=1))
-        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
-
-
-class InceptionV3D(nn.Module):
-    """17 -> 8 grid reduction."""
-
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-
-    CONVS: ClassVar[tuple[str, ...]] = (
-        'branch3x3_1', 'branch3x3_2', 'branch7x7x3_1', 'branch7x7x3_2', 'branch7x7x3_3',
-        'branch7x7x3_4',
-    )  # fmt: skip
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm)
-        b3 = cbr(320, 3, 2, name='branch3x3_2')(cbr(192, 1, name='branch3x3_1')(x))
-        b7 = cbr(192, 1, name='branch7x7x3_1')(x)
-        b7 = cbr(192, (1, 7), padding='same', name='branch7x7x3_2')(b7)
-        b7 = cbr(192, (7, 1), padding='same', name='branch7x7x3_3')(b7)
-        b7 = cbr(192, 3, 2, name='branch7x7x3_4')(b7)
-        return jnp.concatenate([b3, b7, max_pool(x, 3, 2)], axis=-1)
-
-
-class InceptionV3E(nn.Module):
-    """8x8 module with expanded 1x3 / 3x1 outputs (Szegedy et al. 2016 Fig. 7)."""
-
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-
-    CONVS: ClassVar[tuple[str, ...]] = (
-        'branch1x1', 'branch3x3_1', 'branch3x3_2a', 'branch3x3_2b', 'branch3x3dbl_1',
-        'branch3x3dbl_2', 'branch3x3dbl_3a', 'branch3x3dbl_3b', 'branch_pool',
-    )  # fmt: skip
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cbr = functools.partial(BasicConv2d, conv=self.conv, norm=self.norm, padding='same')
-        b1 = cbr(320, 1, name='branch1x1')(x)
-        b3 = cbr(384, 1, name='branch3x3_1')(x)
-        b3 = [cbr(384, (1, 3), name='branch3x3_2a')(b3), cbr(384, (3, 1), name='branch3x3_2b')(b3)]
-        bd = cbr(384, 3, name='branch3x3dbl_2')(cbr(448, 1, name='branch3x3dbl_1')(x))
-        bd = [cbr(384, (1, 3), name='branch3x3dbl_3a')(bd), cbr(384, (3, 1), name='branch3x3dbl_3b')(bd)]
-        bp = cbr(192, 1, name='branch_pool')(avg_pool(x, 3, 1, padding=1))
-        return jnp.concatenate([b1, *b3, *bd, bp], axis=-1)
-
-
-_V3_BLOCKS: dict[str, type[nn.Module]] = {
-    'A': InceptionV3A,
-    'B': InceptionV3B,
-    'C': InceptionV3C,
-    'D': InceptionV3D,
-    'E': InceptionV3E,
-}
-
-
-class InceptionV3Aux(nn.Module):
-    """Inception v3 auxiliary classifier on the 17x17 grid (Szegedy et al. 2016 Sec. 4).
-
-    Attributes:
-        num_classes: output size.
-        conv: conv constructor.
-        norm: norm constructor.
-        dtype: compute dtype.
-    """
-
-    num_classes: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-    dtype: layers.Dtype
-
-    CONVS: ClassVar[tuple[str, ...]] = ('conv0', 'conv1')
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = avg_pool(x, 5, 3)
-        x = BasicConv2d(128, 1, conv=self.conv, norm=self.norm, name='conv0')(x)
-        x = BasicConv2d(
-            768, 5, conv=self.conv, norm=self.norm, kernel_init=nn.initializers.normal(0.01), name='conv1'
-        )(x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        return layers.classifier_head(
-            x, self.num_classes, drop_rate=0.0, train=train, dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.001), name='fc',
-        )
-
-
-class InceptionV3(nn.Module):
-    """Inception v3 (timm/torchvision layout).
-
-    Attributes:
-        stages: modules per stage (see :data:`INCEPTION_V3_STAGES`).
-        num_classes: classifier size; 0 returns pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (timm default 0).
-        aux_logits: build the auxiliary classifier (see the module docstring).
-        padding: padding mode of the padded convs (see the module docstring); every
-            padded conv and pool of Inception v3 has stride 1 (its strided ones are
-            unpadded), so ``'tf_same'`` computes the same network as ``'symmetric'``.
-    """
-
-    stages: tuple = INCEPTION_V3_STAGES
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    aux_logits: bool = False
-    padding: str = 'symmetric'
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images (>= 75 px); returns logits (and features)."""
-        check_norm(self.norm)
-        layers.check_model_padding(self.padding, type(self).__name__)
-        init = nn.initializers.normal(0.1)
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=init)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
-        cbr = functools.partial(BasicConv2d, conv=conv, norm=norm)
-        run_aux = self.aux_logits and self.num_classes > 0 and (train or self.is_initializing())
-        features = {}
-
-        x = x.astype(self.dtype)
-        x = cbr(32, 3, 2, name='Conv2d_1a_3x3')(x)
-        x = cbr(32, 3, name='Conv2d_2a_3x3')(x)
-        x = cbr(64, 3, padding='same', name='Conv2d_2b_3x3')(x)
-        x = max_pool(x, 3, 2)
-        x = cbr(80, 1, name='Conv2d_3b_1x1')(x)
-        x = cbr(192, 3, name='Conv2d_4a_3x3')(x)
-        x = max_pool(x, 3, 2)
-        features['stem'] = x
-        for s, stage in enumerate(self.stages):
-            for name, kind, width in stage:
-                args = (width,) if kind in ('A', 'C') else ()
-                x = _V3_BLOCKS[kind](*args, conv=conv, norm=norm, name=name)(x)
-            if s == 1 and run_aux:
-                aux = InceptionV3Aux(self.num_classes, conv, norm, self.dtype, name='AuxLogits')(x, train)
-                if train and not self.is_initializing():
-                    self.sow('intermediates', 'aux_logits', aux.astype(jnp.float32))
-            features[f'stage{s + 1}'] = x
-
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                kernel_init=init, name='fc',
-            )
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return x
 
 
 # ------------------------------------------------------------------------------- name map
 
-# torchvision's GoogLeNet / Inception3 and timm's InceptionV3 state-dict names (BN-Inception
-# has no reference; it uses the GoogLeNet naming: conv1..3, inception3a.branch2.0, fc).
+# torchvision's GoogLeNet state-dict names (BN-Inception has no reference; it uses the
+# GoogLeNet naming: conv1..3, inception3a.branch2.0, fc).
 # Generated from the variant tables: module names contain letters ('inception4e',
 # 'Mixed_6b'), which NameRule placeholders (decimal integers) cannot stand for.
 _V1_BLOCK_NAMES = sorted({row[0] for stages in (GOOGLENET_STAGES, BN_INCEPTION_STAGES) for st in stages for row in st})
@@ -741,19 +414,6 @@ register_name_map(
         *[r for name in _V1_BLOCK_NAMES for r in block_rules(name, name, BNInceptionBlock.CONVS)],
         *conv_bn_rules('aux{a}.conv', 'aux{a}/conv'),
         NameRule('aux{a}.fc{i}', 'aux{a}/fc{i}', 'linear'),
-        *[
-            r
-            for name in ('Conv2d_1a_3x3', 'Conv2d_2a_3x3', 'Conv2d_2b_3x3', 'Conv2d_3b_1x1', 'Conv2d_4a_3x3')
-            for r in conv_bn_rules(name, name)
-        ],
-        *[
-            r
-            for stage in INCEPTION_V3_STAGES
-            for name, kind, _ in stage
-            for r in block_rules(name, name, _V3_BLOCKS[kind].CONVS)
-        ],
-        *block_rules('AuxLogits', 'AuxLogits', InceptionV3Aux.CONVS),
-        NameRule('AuxLogits.fc', 'AuxLogits/fc', 'linear'),
         NameRule('fc', 'fc', 'linear'),
     ),
 )
@@ -762,28 +422,16 @@ register_name_map(
 
 
 # top1: torchvision IMAGENET1K_V1 (224 px, resize 256, centre crop).
-@register_model(top1=69.778, paper=_GOOGLENET_PAPER)
+@register_model(
+    top1=69.778, paper=_GOOGLENET_PAPER, classifier=('fc', 'aux1/fc2', 'aux2/fc2'), first_conv='conv1/conv'
+)
 def googlenet(**kwargs) -> GoogLeNet:
     """GoogLeNet, 6,624,904 parameters (13,004,888 with ``aux_logits=True``)."""
     return GoogLeNet(**kwargs)
 
 
 # top1: Figure 3 of the paper (BN-x30, best single-crop validation accuracy).
-@register_model(top1=74.8, paper=_BN_PAPER)
+@register_model(top1=74.8, paper=_BN_PAPER, first_conv='conv1/conv')
 def bn_inception(**kwargs) -> BNInception:
     """BN-Inception (Inception v2), 11,285,224 parameters (Figure 5)."""
     return BNInception(**kwargs)
-
-
-# top1: timm inception_v3.tv_in1k == torchvision IMAGENET1K_V1 (299 px, crop 0.875).
-@register_model(
-    input_size=(299, 299, 3),
-    mean=INCEPTION_MEAN,
-    std=INCEPTION_STD,
-    interpolation='bicubic',
-    top1=77.294,
-    paper=_V3_PAPER,
-)
-def inception_v3(**kwargs) -> InceptionV3:
-    """Inception v3, 23,834,568 parameters (27,161,264 with ``aux_logits=True``)."""
-    return InceptionV3(**kwargs)

@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, registry
 from models.convert import NameRule, register_name_map
 from models.inception import (
     INCEPTION_MEAN,
@@ -51,11 +51,11 @@ from models.inception import (
     BasicConv2d,
     avg_pool,
     block_rules,
-    check_norm,
     conv_bn_rules,
     max_pool,
 )
-from models.registry import register_model
+
+register_model = functools.partial(registry.register_model, family='inception_v4')
 
 _PAPER = (
     'Szegedy, Ioffe, Vanhoucke, Alemi, "Inception-v4, Inception-ResNet and the Impact of '
@@ -276,53 +276,24 @@ def _stem(x: jax.Array, conv: Callable, norm: Callable, names: tuple[str, str, s
     return BasicConv2d(64, 3, padding='same', conv=conv, norm=norm, name=names[2])(x)
 
 
-def _head(model: nn.Module, x: jax.Array, features: dict, train: bool, name: str, return_features: bool):
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    features['pre_logits'] = x
-    if model.num_classes:
-        x = layers.classifier_head(
-            x, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name=name,
-        )
-    x = x.astype(jnp.float32)
-    return (x, features) if return_features else x
-
-
-class InceptionV4(nn.Module):
+class InceptionV4(layers.ImageClassifier):
     """Inception-v4 (timm layout; Szegedy et al. 2017 Fig. 9).
+
+    Shared fields as :class:`layers.ImageClassifier` (timm's default ``drop_rate`` 0;
+    ``padding`` gives the same network in both modes, see the module docstring).
 
     Attributes:
         stages: (block, repeats) per stage (see :data:`INCEPTION_V4_STAGES`).
-        num_classes: classifier size; 0 returns pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (timm default 0).
-        padding: padding mode of the padded convs (the same network in both modes, see
-            the module docstring).
     """
 
     stages: tuple = INCEPTION_V4_STAGES
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images; returns logits (and the feature dict)."""
-        check_norm(self.norm)
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
-        features = {}
+    HEAD = 'last_linear'
 
-        x = _stem(x.astype(self.dtype), conv, norm, ('features_0', 'features_1', 'features_2'))
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
+        norm = self.make_norm(train, epsilon=1e-3)
+        x = _stem(x, conv, norm, ('features_0', 'features_1', 'features_2'))
         x = Mixed3a(conv, norm, name='features_3')(x)
         x = Branches(INCEPTION_V4_BLOCKS['mixed_4a'], conv, norm, name='features_4')(x)
         x = Mixed5a(conv, norm, name='features_5')(x)
@@ -337,7 +308,7 @@ class InceptionV4(nn.Module):
                         x = Branches(INCEPTION_V4_BLOCKS[block], conv, norm, name=f'features_{index}')(x)
                     index += 1
             features[f'stage{s + 1}'] = x
-        return _head(self, x, features, train, 'last_linear', return_features)
+        return x
 
 
 class ResidualBlock(nn.Module):
@@ -371,49 +342,30 @@ class ResidualBlock(nn.Module):
         return nn.relu(x) if self.activate else x
 
 
-class InceptionResNetV2(nn.Module):
+class InceptionResNetV2(layers.ResidualClassifier):
     """Inception-ResNet-v2 (timm / TF-slim layout; Szegedy et al. 2017 Fig. 15).
+
+    Shared fields as :class:`layers.ResidualClassifier`: ``weight_std`` covers the branch
+    convs, not the residual projections; residual unit ``i`` of ``n`` (40) drops its branch
+    with ``drop_path_rate * i / (n - 1)``; ``padding`` gives the same network in both modes.
 
     Attributes:
         stages: see :data:`INCEPTION_RESNET_V2_STAGES`.
-        num_classes: classifier size; 0 returns pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (not the residual projections).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (timm default 0).
-        drop_path_rate: stochastic depth; residual unit ``i`` of ``n`` (40) uses
-            ``drop_path_rate * i / (n - 1)``.
-        padding: padding mode of the padded convs (the same network in both modes, see
-            the module docstring).
     """
 
     stages: tuple = INCEPTION_RESNET_V2_STAGES
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images; returns logits (and the feature dict)."""
-        check_norm(self.norm)
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
+    HEAD = 'classif'
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
         proj_conv = layers.conv_factory(False, self.dtype, kernel_init=layers.torch_default_kernel_init)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3)
+        norm = self.make_norm(train, epsilon=1e-3)
         blocks = INCEPTION_RESNET_V2_BLOCKS
         n_units = 1 + sum(r for stage in self.stages for _, _, b, r, _ in stage if b.startswith('block'))
         unit = 0
-        features = {}
 
-        x = _stem(x.astype(self.dtype), conv, norm, ('conv2d_1a', 'conv2d_2a', 'conv2d_2b'))
+        x = _stem(x, conv, norm, ('conv2d_1a', 'conv2d_2a', 'conv2d_2b'))
         x = max_pool(x, 3, 2)
         x = BasicConv2d(80, 1, conv=conv, norm=norm, name='conv2d_3b')(x)
         x = BasicConv2d(192, 3, conv=conv, norm=norm, name='conv2d_4a')(x)
@@ -423,7 +375,7 @@ class InceptionResNetV2(nn.Module):
 
         def residual(x, block, scale, name, activate=True):
             nonlocal unit
-            rate = self.drop_path_rate * unit / max(n_units - 1, 1)
+            rate = self.drop_path_at(unit, n_units)
             unit += 1
             return ResidualBlock(
                 blocks[block], scale, conv, proj_conv, norm, rate, activate, name=name
@@ -440,7 +392,7 @@ class InceptionResNetV2(nn.Module):
                 x = residual(x, 'block8', 1.0, 'block8', activate=False)
                 x = BasicConv2d(1536, 1, conv=conv, norm=norm, name='conv2d_7b')(x)
             features[f'stage{s + 1}'] = x
-        return _head(self, x, features, train, 'classif', return_features)
+        return x
 
 
 # ------------------------------------------------------------------------------- name map
@@ -498,14 +450,14 @@ _CFG = dict(
 
 
 # top1: TF-slim's published accuracy of the checkpoint timm ports (inception_v4.tf_in1k).
-@register_model(top1=80.2, crop_pct=0.875, **_CFG)
+@register_model(top1=80.2, crop_pct=0.875, classifier='last_linear', first_conv='features_0/conv', **_CFG)
 def inception_v4(**kwargs) -> InceptionV4:
     """Inception-v4, 42,679,816 parameters."""
     return InceptionV4(**kwargs)
 
 
 # top1: TF-slim's published accuracy of the checkpoint timm ports (inception_resnet_v2.tf_in1k).
-@register_model(top1=80.4, crop_pct=0.8975, **_CFG)
+@register_model(top1=80.4, crop_pct=0.8975, classifier='classif', first_conv='conv2d_1a/conv', **_CFG)
 def inception_resnet_v2(**kwargs) -> InceptionResNetV2:
     """Inception-ResNet-v2, 55,843,464 parameters."""
     return InceptionResNetV2(**kwargs)

@@ -1,10 +1,17 @@
-"""Building blocks shared by every model family.
+"""Building blocks shared by every model family, and the contract every model keeps.
+
+Every registered model is an :class:`ImageClassifier` (or :class:`ResidualClassifier`, which
+adds ``drop_path_rate``): the shared fields (``num_classes``, ``norm``, ``gn_groups``,
+``weight_std``, ``dtype``, ``drop_rate``, ``padding``), their validation, and the ``__call__``
+that runs the family's :meth:`~ImageClassifier.forward_features` and then the shared ending
+(pool -> ``pre_logits`` -> dropout + linear classifier -> float32 logits, plus the feature
+dict on request) come from there; a family states only its own fields and body.
 
 Families never instantiate ``nn.Conv`` or a normalisation layer directly: they receive
 constructors from :func:`conv_factory` and :func:`norm_factory` (the pattern of the Flax
-``examples/imagenet/models.py``), so a single pair of switches (``norm='group'``,
-``weight_std=True``) turns any family into its BiT-style GroupNorm + weight-standardised
-twin.
+``examples/imagenet/models.py``; :meth:`ImageClassifier.make_conv` / ``make_norm`` bind the
+model's fields), so a single pair of switches (``norm='group'``, ``weight_std=True``) turns
+any family into its BiT-style GroupNorm + weight-standardised twin.
 
 Parameters are always float32; ``dtype`` is the compute dtype. Normalisation statistics
 are reduced in float32 whatever the compute dtype.
@@ -12,20 +19,26 @@ are reduced in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import functools
 import math
-import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxnets_errors import UserError
+from models.depthwise import (  # noqa: F401  (part of this module's interface)
+    DEPTHWISE_IMPLS,
+    Padding,
+    depthwise_conv_shifted,
+    depthwise_implementation,
+    selected_implementation,
+)
+
 Dtype = Any
-Padding = str | Sequence[tuple[int, int]]
 
 PADDING_MODES = ('symmetric', 'tf_same', 'valid')
 # Values of the model-level ``padding`` field; 'valid' is a per-layer choice only.
@@ -47,9 +60,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 def get_padding(
-    mode: str,
-    kernel_size: int | Sequence[int],
-    strides: int | Sequence[int] = 1,
+    mode: str, kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1,
     dilation: int | Sequence[int] = 1,
 ) -> Padding:
     """Padding argument for ``nn.Conv`` / ``nn.max_pool`` in one of the named modes.
@@ -69,13 +80,8 @@ def get_padding(
         A list of ``(low, high)`` pairs or the string ``'SAME'`` / ``'VALID'``.
     """
     if mode == 'symmetric':
-        return [
-            (p, p)
-            for p in (
-                ((s - 1) + d * (k - 1)) // 2
-                for k, s, d in zip(_pair(kernel_size), _pair(strides), _pair(dilation), strict=True)
-            )
-        ]
+        sizes = zip(_pair(kernel_size), _pair(strides), _pair(dilation), strict=True)
+        return [(p, p) for p in (((s - 1) + d * (k - 1)) // 2 for k, s, d in sizes)]
     if mode == 'tf_same':
         return 'SAME'
     if mode == 'valid':
@@ -83,117 +89,24 @@ def get_padding(
     raise ValueError(f'padding mode must be one of {PADDING_MODES}, got {mode!r}')
 
 
-def check_model_padding(padding: str, model: str) -> None:
-    """Rejects a model-level ``padding`` field value that is not in :data:`MODEL_PADDING_MODES`.
-
-    A family's ``padding`` field says how its padded layers pad (see :func:`get_padding`);
-    its unpadded layers stay unpadded in every mode, so ``'valid'`` is no model setting.
-
-    Args:
-        padding: the field's value.
-        model: class name for the message.
-
-    Raises:
-        ValueError: naming the allowed modes.
-    """
-    if padding not in MODEL_PADDING_MODES:
-        raise ValueError(f'{model} padding must be one of {MODEL_PADDING_MODES}, got {padding!r}')
-
-
 # ----------------------------------------------------------------------------- convolution
 #
 # The one place that decides how a convolution runs. Every conv of every family (nn.Conv /
 # StdConv built by `conv_factory`, NFNet's ScaledStdConv, LeNet-5's scattered C3) calls
 # `conv_general_dilated` below, which has lax.conv_general_dilated's signature and result:
-#
 # - dense (feature_group_count == 1): XLA's convolution.
-# - depthwise (one group per input channel): on CPU a sum of shifted multiply-adds over
-#   the kernel taps; XLA:CPU runs the grouped convolution's backward pass as a dense one
-#   (efficientnet_b0's train step counts ~10x its FLOPs), while the shifted form
-#   differentiates into elementwise products and reductions. Elsewhere (GPU/TPU) the
-#   native grouped convolution. The choice is `lax.platform_dependent`, so a program
-#   exported from a CPU for 'cuda'/'tpu' carries the native convolution.
-# - grouped (1 < groups < channels): the native convolution, but under `jax.shard_map`
-#   over the 'data' mesh axis when one is active (`jax.set_mesh`, as the trainers do):
-#   XLA's SPMD partitioner does not partition grouped convolutions by batch; it gathers
-#   the whole batch onto every device (openxla/xla#47945). Inside shard_map each device
-#   convolves its own slice; the kernel's gradient is summed over the axis by shard_map's
-#   transpose, as the data-parallel gradient is anyway.
+# - depthwise (one group per input channel): on CPU the shifted multiply-adds of
+#   models/depthwise.py (XLA:CPU runs the grouped convolution's backward pass as a dense
+#   one: ~10x efficientnet_b0's train-step FLOPs), elsewhere the native grouped convolution,
+#   chosen by `lax.platform_dependent` (a program exported from a CPU for 'cuda'/'tpu'
+#   carries the native convolution).
+# - grouped (1 < groups < channels): the native convolution, under `jax.shard_map` over the
+#   'data' mesh axis when one is active (`jax.set_mesh`, as the trainers do): XLA's SPMD
+#   partitioner gathers the whole batch onto every device for a grouped convolution
+#   (openxla/xla#47945). Inside shard_map each device convolves its own slice; shard_map's
+#   transpose sums the kernel's gradient over the axis, as data parallelism does anyway.
 
 DATA_AXIS = 'data'
-DEPTHWISE_IMPLS = ('auto', 'shifted', 'native')
-_depthwise_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    'flaxnets_depthwise_impl', default=None
-)
-
-
-@contextlib.contextmanager
-def depthwise_implementation(impl: str):
-    """Forces how depthwise convolutions traced inside the block run.
-
-    Args:
-        impl: ``'auto'`` (shifted multiply-adds on CPU, the native grouped convolution
-            elsewhere), ``'shifted'`` or ``'native'`` everywhere. The environment variable
-            ``FLAXNETS_DEPTHWISE_CONV`` sets the default. Read at trace time: a function
-            already compiled keeps the implementation it was traced with.
-    """
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
-    token = _depthwise_impl.set(impl)
-    try:
-        yield
-    finally:
-        _depthwise_impl.reset(token)
-
-
-def _explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> list[tuple[int, int]]:
-    if isinstance(padding, str):
-        window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation, strict=True)]
-        return jax.lax.padtype_to_pads(in_hw, window, strides, padding)
-    return [tuple(p) for p in padding]
-
-
-def depthwise_conv_shifted(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: Padding,
-    rhs_dilation: Sequence[int] | None = None,
-) -> jax.Array:
-    """Depthwise convolution (NHWC input, HWIO kernel with I == 1) as a sum of shifted
-    multiply-adds, one per kernel tap: equal to ``lax.conv_general_dilated(...,
-    feature_group_count=C)``, including channel multipliers (O = C * M: output channel
-    ``c * M + m`` reads input channel ``c``, XLA's group order).
-
-    Products of low-precision inputs are accumulated in float32, as XLA's convolutions do.
-    """
-    n, h, w, c = lhs.shape
-    kh, kw, _, out = rhs.shape
-    strides = tuple(window_strides)
-    dilation = tuple(rhs_dilation or (1, 1))
-    if out != c:
-        lhs = jnp.repeat(lhs, out // c, axis=-1)
-    (pt, pb), (pl, pr) = _explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
-    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    hp, wp = h + pt + pb, w + pl + pr
-    ho = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    wo = (wp - (kw - 1) * dilation[1] - 1) // strides[1] + 1
-    acc_dtype = jnp.promote_types(lhs.dtype, jnp.float32)
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            r0, c0 = i * dilation[0], j * dilation[1]
-            tap = jax.lax.slice(
-                x,
-                (0, r0, c0, 0),
-                (n, r0 + (ho - 1) * strides[0] + 1, c0 + (wo - 1) * strides[1] + 1, out),
-                (1, strides[0], strides[1], 1),
-            )
-            term = tap.astype(acc_dtype) * rhs[i, j, 0].astype(acc_dtype)
-            y = term if y is None else y + term
-    return y.astype(lhs.dtype)
-
-
 def _data_axis_size(batch: int) -> int:
     """Size of the active mesh's 'data' axis when it splits `batch` evenly, else 1."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -204,17 +117,10 @@ def _data_axis_size(batch: int) -> int:
 
 
 def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: Padding,
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision: Any = None,
-    preferred_element_type: Any = None,
+    lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Padding,
+    lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+    precision: Any = None, preferred_element_type: Any = None,
 ) -> jax.Array:
     """``lax.conv_general_dilated`` for NHWC inputs and HWIO kernels, with the
     implementation picked per kind of convolution (see the comment above)."""
@@ -236,9 +142,7 @@ def conv_general_dilated(
     if groups == 1 or not plain:
         return native(lhs, rhs)
     if groups == lhs.shape[-1]:
-        impl = _depthwise_impl.get() or os.environ.get('FLAXNETS_DEPTHWISE_CONV', 'auto')
-        if impl not in DEPTHWISE_IMPLS:
-            raise ValueError(f'FLAXNETS_DEPTHWISE_CONV must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
+        impl = selected_implementation()
 
         def shifted(x, k):
             return depthwise_conv_shifted(x, k, window_strides, padding, rhs_dilation)
@@ -299,11 +203,8 @@ class StdConv(nn.Conv):
 
 
 def conv_factory(
-    weight_std: bool,
-    dtype: Dtype,
-    padding: str = 'symmetric',
-    kernel_init: Callable[..., Any] = kaiming_normal_fan_out,
-    eps: float = 1e-8,
+    weight_std: bool, dtype: Dtype, padding: str = 'symmetric',
+    kernel_init: Callable[..., Any] = kaiming_normal_fan_out, eps: float = 1e-8,
 ) -> Callable[..., nn.Module]:
     """Returns ``make(features, kernel_size, strides=1, *, padding=None, use_bias=False, name=None)``.
 
@@ -319,32 +220,17 @@ def conv_factory(
     default_mode = padding
 
     def make(
-        features: int,
-        kernel_size: int | Sequence[int],
-        strides: int | Sequence[int] = 1,
-        *,
-        padding: str | None = None,
-        use_bias: bool = False,
-        name: str | None = None,
-        **kwargs: Any,
+        features: int, kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1, *,
+        padding: str | None = None, use_bias: bool = False, name: str | None = None, **kwargs: Any,
     ) -> nn.Module:
         kwargs.setdefault('kernel_init', kernel_init)
         mode = padding or default_mode
         common = dict(
-            features=features,
-            kernel_size=_pair(kernel_size),
-            strides=_pair(strides),
-            padding=get_padding(mode, kernel_size, strides),
-            use_bias=use_bias,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            conv_general_dilated=conv_general_dilated,
-            name=name,
-            **kwargs,
+            features=features, kernel_size=_pair(kernel_size), strides=_pair(strides),
+            padding=get_padding(mode, kernel_size, strides), use_bias=use_bias, dtype=dtype,
+            param_dtype=jnp.float32, conv_general_dilated=conv_general_dilated, name=name, **kwargs,
         )
-        if weight_std:
-            return StdConv(eps=eps, **common)
-        return nn.Conv(**common)
+        return StdConv(eps=eps, **common) if weight_std else nn.Conv(**common)
 
     return make
 
@@ -399,12 +285,7 @@ class Identity(nn.Module):
 
 
 def norm_factory(
-    norm: str,
-    train: bool,
-    dtype: Dtype,
-    groups: int = 32,
-    momentum: float = 0.9,
-    epsilon: float = 1e-5,
+    norm: str, train: bool, dtype: Dtype, groups: int = 32, momentum: float = 0.9, epsilon: float = 1e-5
 ) -> Callable[..., nn.Module]:
     """Returns a constructor ``make(name=..., scale_init=...)`` of normalisation layers.
 
@@ -421,12 +302,8 @@ def norm_factory(
     """
     if norm == 'batch':
         return functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=momentum,
-            epsilon=epsilon,
-            dtype=dtype,
-            param_dtype=jnp.float32,
+            nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
+            dtype=dtype, param_dtype=jnp.float32,
         )
     if norm == 'group':
         return functools.partial(GroupNorm, groups=groups, epsilon=epsilon, dtype=dtype)
@@ -472,45 +349,34 @@ def torch_linear_init(fan_in: int) -> tuple[Callable[..., Any], Callable[..., An
 
 
 def classifier_head(
-    x: jax.Array,
-    num_classes: int,
-    *,
-    drop_rate: float,
-    train: bool,
-    dtype: Dtype,
-    name: str,
-    kernel_init: Callable | None = None,
-    bias_init: Callable | None = None,
+    x: jax.Array, num_classes: int, *, drop_rate: float, train: bool, dtype: Dtype, name: str,
+    kernel_init: Callable | None = None, bias_init: Callable | None = None,
 ) -> jax.Array:
     """Dropout then a Dense head with ``torch.nn.Linear``'s initialisation (unless
     ``kernel_init`` / ``bias_init`` replace it, as a reference's own init does); float32
-    output.
-
-    Call from inside a module's ``@nn.compact`` method: the layers are created in that
-    module's scope, so the head's parameters live under ``name`` there (``fc``,
-    ``last_linear``, ... as the reference names them).
+    output. Called inside a module's ``@nn.compact`` method, the head's parameters live
+    under ``name`` in that module's scope (``fc``, ``last_linear``, ... as the reference).
     """
     x = nn.Dropout(drop_rate, deterministic=not train)(x)
     torch_kernel_init, torch_bias_init = torch_linear_init(x.shape[-1])
     x = nn.Dense(
-        num_classes,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=kernel_init or torch_kernel_init,
-        bias_init=bias_init or torch_bias_init,
-        name=name,
+        num_classes, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=kernel_init or torch_kernel_init, bias_init=bias_init or torch_bias_init,
     )(x)
     return x.astype(jnp.float32)
 
 
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``).
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``,
+    default ``divisor``), one ``divisor`` more where rounding lost more than
+    ``1 - round_limit`` of it.
 
-    The channel rounding of timm's ``SEModule`` (``round_limit=0``: never bumped up when
-    rounding lost more than 10%), so reduced SE widths match timm's parameter counts.
+    The channel rounding of every reference that rounds widths: TF's ``round_filters``
+    (EfficientNet), torchvision's ``_make_divisible`` (MobileNet, MnasNet), timm's
+    ``make_divisible`` (NFNet). ``round_limit=0`` never bumps: timm's ``SEModule`` widths.
     """
-    min_value = min_value or divisor
-    return max(min_value, int(value + divisor / 2) // divisor * divisor)
+    rounded = max(min_value or divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * value else rounded
 
 
 class SqueezeExcite(nn.Module):
@@ -520,59 +386,57 @@ class SqueezeExcite(nn.Module):
     ``act`` in between, and ``gate`` (sigmoid) on the result ("excitation"), which scales
     the input per channel (Fig. 1 / Sec. 3 of the paper; reduction ratio r = 16, Sec. 6.1).
 
-    The two layers are named ``fc1`` / ``fc2`` (as timm's ``SEModule`` and the legacy
-    SENet's ``se_module``). ``use_conv=True`` stores them as 1x1 convolutions, kernel
-    (1, 1, C, R), which is how timm and Caffe-era SENets hold them, so their weights map with
-    the ``'conv'`` leaf kind; ``use_conv=False`` uses dense layers, kernel (C, R), which
-    some ports (e.g. TF EfficientNets' reshaped 1x1 convs) need. Both compute the same.
+    The two layers are named ``fc1`` / ``fc2`` (timm's ``SEModule``, the legacy SENet's
+    ``se_module``) unless ``names`` says otherwise (the MobileNets keep timm's
+    ``conv_reduce`` / ``conv_expand``). ``use_conv=True`` stores them as 1x1 convolutions,
+    kernel (1, 1, C, R), as timm and Caffe-era SENets do (the ``'conv'`` leaf kind);
+    ``use_conv=False`` as dense layers, kernel (C, R). Both compute the same.
 
-    The gate layers are never weight-standardised and have no norm: they act on a 1x1
-    pooled vector, and the references keep plain biased layers in the GN/WS twins too.
+    The gate layers are never weight-standardised and have no norm (a 1x1 pooled vector;
+    the references keep plain biased layers in the GN/WS twins too).
 
     Attributes:
         rd_ratio: reduced width as a fraction of the input channels (1/r).
         rd_channels: explicit reduced width; overrides ``rd_ratio``.
         rd_divisor: reduced width rounded to a multiple of this (8 in timm's ResNets; 1
             gives ``round(C * rd_ratio)``, equal to ``C // r`` whenever r divides C).
+        names: names of the reducing and expanding layers.
         act: activation between the two layers.
         gate: gating function applied to the excitation.
         use_conv: 1x1 convolutions (True) or dense layers (False); see above.
         use_bias: biases on both layers (True in every reference).
         dtype: compute dtype; the squeeze mean is taken in float32.
         kernel_init: initialiser of both kernels (torch ResNets: kaiming-normal fan_out).
+        bias_init: initialiser of both biases; None is torch's default (uniform
+            +-1/sqrt(fan_in)).
     """
 
     rd_ratio: float = 1.0 / 16
     rd_channels: int | None = None
     rd_divisor: int = 8
+    names: tuple[str, str] = ('fc1', 'fc2')
     act: Callable[[jax.Array], jax.Array] = nn.relu
     gate: Callable[[jax.Array], jax.Array] = nn.sigmoid
     use_conv: bool = True
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     kernel_init: Callable[..., Any] = kaiming_normal_fan_out
+    bias_init: Callable[..., Any] | None = None
 
     def reduced_channels(self, channels: int) -> int:
         """Width of the bottleneck for an input of ``channels`` channels."""
         if self.rd_channels:
             return self.rd_channels
-        return make_divisible(channels * self.rd_ratio, self.rd_divisor, min_value=1)
+        return make_divisible(channels * self.rd_ratio, self.rd_divisor, min_value=1, round_limit=0.0)
 
     def _layer(self, features: int, fan_in: int, name: str) -> nn.Module:
         # torch's default bias init (uniform +-1/sqrt(fan_in)) for Conv2d and Linear alike.
-        _, bias_init = torch_linear_init(fan_in)
+        bias_init = self.bias_init or torch_linear_init(fan_in)[1]
         common = dict(
-            features=features,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            kernel_init=self.kernel_init,
-            bias_init=bias_init,
-            name=name,
+            features=features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=self.kernel_init, bias_init=bias_init, name=name,
         )
-        if self.use_conv:
-            return nn.Conv(kernel_size=(1, 1), **common)
-        return nn.Dense(**common)
+        return nn.Conv(kernel_size=(1, 1), **common) if self.use_conv else nn.Dense(**common)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -580,8 +444,164 @@ class SqueezeExcite(nn.Module):
         reduced = self.reduced_channels(channels)
         s = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)), keepdims=self.use_conv)
         s = s.astype(self.dtype)
-        s = self.act(self._layer(reduced, channels, 'fc1')(s))
-        s = self.gate(self._layer(channels, reduced, 'fc2')(s))
+        s = self.act(self._layer(reduced, channels, self.names[0])(s))
+        s = self.gate(self._layer(channels, reduced, self.names[1])(s))
         if not self.use_conv:
             s = s.reshape(s.shape[0], *(1,) * (x.ndim - 2), channels)
         return x * s.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------- model contract
+
+
+class ModelFieldError(UserError, ValueError):
+    """A model field set to a value the model cannot take; the message names the model,
+    the field, the value and the valid values."""
+
+
+def kw_only(default: Any) -> Any:
+    """A keyword-only field with ``default``: how :class:`ImageClassifier` declares the
+    shared fields (so a family's own fields, required ones included, can follow them) and
+    how a family gives one another default (``norm: str = layers.kw_only('none')``)."""
+    return dataclasses.field(default=default, kw_only=True)
+
+
+# Numeric bounds of the shared fields: (lowest, highest or None); drop rates exclude 1.
+_FIELD_BOUNDS: dict[str, tuple[float, float | None]] = {
+    'num_classes': (0, None), 'gn_groups': (1, None), 'drop_rate': (0.0, 1.0), 'drop_path_rate': (0.0, 1.0),
+}
+
+
+class ImageClassifier(nn.Module):
+    """The contract of every registered model: shared fields, validation, factories, ending.
+
+    ``model.apply(variables, images, train=False, return_features=False)`` takes NHWC
+    images and returns float32 logits ``(B, num_classes)``, the float32 pooled features
+    (``pre_logits``) when ``num_classes == 0``, and with ``return_features`` also a dict of
+    feature maps: ``'stem'``, ``'stage1'``, ... as the family's docstring lists them, and
+    ``'pre_logits'``. A family implements :meth:`forward_features` (the network up to the
+    map or vector that is pooled) and sets :attr:`HEAD` (the classifier's module name) and,
+    where the reference initialises its classifier its own way, :attr:`HEAD_INIT`.
+
+    Fields are validated on construction (:class:`ModelFieldError`): ``norm``, ``padding``
+    and a family's :attr:`CHOICES` among their values, numbers within :data:`_FIELD_BOUNDS`.
+
+    Attributes:
+        num_classes: classifier size; 0 returns the pooled features instead of logits.
+        norm: ``'batch'``, ``'group'`` or ``'none'`` (see :func:`norm_factory`).
+        gn_groups: groups when ``norm='group'`` (fewer on narrow layers, see
+            :class:`GroupNorm`).
+        weight_std: weight-standardised convs (BiT, :class:`StdConv`).
+        dtype: compute dtype; parameters and logits are float32.
+        drop_rate: dropout rate before the classifier.
+        padding: padding mode of the padded convs and pools, ``'symmetric'`` (PyTorch's
+            explicit pads) or ``'tf_same'`` (see :func:`get_padding`); unpadded layers stay
+            unpadded in both modes.
+    """
+
+    num_classes: int = kw_only(1000)
+    norm: str = kw_only('batch')
+    gn_groups: int = kw_only(32)
+    weight_std: bool = kw_only(False)
+    dtype: Dtype = kw_only(jnp.float32)
+    drop_rate: float = kw_only(0.0)
+    padding: str = kw_only('symmetric')
+
+    HEAD: ClassVar[str] = 'fc'
+    # (kernel_init, bias_init) of the classifier; None: torch.nn.Linear's.
+    HEAD_INIT: ClassVar[tuple[Callable[..., Any] | None, Callable[..., Any] | None]] = (None, None)
+    # Family fields with a fixed set of valid values: field -> valid values.
+    CHOICES: ClassVar[Mapping[str, Sequence[Any]]] = {}
+
+    def __post_init__(self):
+        self.check_fields()
+        super().__post_init__()
+
+    def check_fields(self) -> None:
+        """Raises :class:`ModelFieldError` for the first field outside its valid values (a
+        family with structural constraints extends this)."""
+        for field, valid in {'norm': NORMS, 'padding': MODEL_PADDING_MODES, **self.CHOICES}.items():
+            if getattr(self, field) not in valid:
+                raise self.invalid(field, ', '.join(map(repr, valid)))
+        for field, (low, high) in _FIELD_BOUNDS.items():
+            value = getattr(self, field, None)
+            if value is not None and not (low <= value and (high is None or value < high)):
+                raise self.invalid(field, f'>= {low}' if high is None else f'>= {low} and < {high}')
+
+    def invalid(self, field: str, valid: str) -> ModelFieldError:
+        """The error for ``field``'s current value, ``valid`` describing the valid values."""
+        value = getattr(self, field)
+        return ModelFieldError(f'{type(self).__name__}: {field}={value!r} is not valid; valid values: {valid}')
+
+    def make_conv(self, padding: str | None = None, **kwargs: Any) -> Callable[..., nn.Module]:
+        """:func:`conv_factory` for this model's ``weight_std``, ``dtype`` and ``padding``
+        (or another default ``padding`` mode, e.g. ``'valid'`` for an unpadded family)."""
+        return conv_factory(self.weight_std, self.dtype, padding or self.padding, **kwargs)
+
+    def make_norm(self, train: bool, **kwargs: Any) -> Callable[..., nn.Module]:
+        """:func:`norm_factory` for this model's ``norm``, ``dtype`` and ``gn_groups``."""
+        return norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, **kwargs)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        """NHWC images -> logits (see the class docstring); ``train``: batch statistics,
+        dropout and drop path on; ``return_features``: also return the feature dict."""
+        features: dict[str, jax.Array] = {}
+        x = self.forward_features(x.astype(self.dtype), train, features)
+        x = self.forward_head(x, train, features)
+        return (x, features) if return_features else x
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict[str, jax.Array]) -> jax.Array:
+        """The family's network up to what is pooled; records its feature maps in ``features``."""
+        raise NotImplementedError
+
+    def forward_head(self, x: jax.Array, train: bool, features: dict[str, jax.Array]) -> jax.Array:
+        """Global average pool (of a map), ``pre_logits``, then :meth:`classifier`."""
+        if x.ndim > 2:
+            x = jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim - 1)))
+        x = features['pre_logits'] = x.astype(jnp.float32)
+        if self.num_classes:
+            x = self.classifier(x, train).astype(jnp.float32)
+        return x
+
+    def classifier(self, x: jax.Array, train: bool, *, name: str | None = None,
+                   drop_rate: float | None = None) -> jax.Array:
+        """Dropout (``drop_rate``) and the linear classifier named :attr:`HEAD`."""
+        kernel_init, bias_init = self.HEAD_INIT
+        return classifier_head(
+            x, self.num_classes, drop_rate=self.drop_rate if drop_rate is None else drop_rate,
+            train=train, dtype=self.dtype, name=name or self.HEAD, kernel_init=kernel_init,
+            bias_init=bias_init,
+        )
+
+
+class ResidualClassifier(ImageClassifier):
+    """An :class:`ImageClassifier` with residual branches, hence stochastic depth.
+
+    Attributes:
+        drop_path_rate: stochastic depth (:class:`DropPath`) of the residual branches;
+            unless the family says otherwise, block ``i`` of ``n`` uses
+            ``drop_path_rate * i / (n - 1)`` (:meth:`drop_path_at`, the linear rule of
+            Huang et al. 2016).
+    """
+
+    drop_path_rate: float = kw_only(0.0)
+
+    def drop_path_at(self, index: int, total: int) -> float:
+        """Drop-path rate of block ``index`` (from 0) of ``total``: linear up to ``drop_path_rate``."""
+        return self.drop_path_rate * index / max(total - 1, 1)
+
+    def residual_stages(
+        self, x: jax.Array, train: bool, features: dict[str, jax.Array], depths: Sequence[int],
+        block: Callable[[int, int, float], nn.Module],
+    ) -> jax.Array:
+        """Runs ``depths[s]`` blocks in stage ``s``, ``block(stage, index, drop_path_rate)``
+        building each (rates by :meth:`drop_path_at` over all blocks); the output of stage
+        ``s`` is ``features[f'stage{s + 1}']``."""
+        total, index = sum(depths), 0
+        for stage, depth in enumerate(depths):
+            for b in range(depth):
+                x = block(stage, b, self.drop_path_at(index, total))(x, train)
+                index += 1
+            features[f'stage{stage + 1}'] = x
+        return x

@@ -54,6 +54,7 @@ over the S2 maps of Table I column ``j``, in increasing order), ``s4.*``, ``c5.*
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,9 +62,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import LeafSpec, NameRule, register_leaf_kind, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import LeafSpec, NameRule, flat, register_leaf_kind, register_name_map
+
+register_model = functools.partial(
+    registry.register_model, family='lenet', classifier='fc', first_conv='c1'
+)
 
 _PAPER = (
     'LeCun, Bottou, Bengio, Haffner, "Gradient-based learning applied to document '
@@ -171,51 +175,30 @@ class PartialConv(nn.Module):
         return y
 
 
-class LeNet5(nn.Module):
+class LeNet5(layers.ImageClassifier):
     """LeNet-5; see the module docstring for the layer table and departures.
 
-    Attributes:
-        num_classes: output layer size; 0 returns the F6 features instead.
-        norm: ``'none'`` (paper), ``'batch'`` or ``'group'`` after C1, C3 and C5.
-        weight_std: weight-standardised convs.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout rate before the output layer.
-        padding: accepted for uniformity with the other families (``'symmetric'`` or
-            ``'tf_same'``); LeNet-5 has no padded layers (its convs and subsampling are
-            unpadded by design, and the S4 zero-fill for inputs under 32 px is a size fix,
-            not a layer's padding), so both modes give the same network.
+    Features: the paper's layer names ``c1``, ``s2``, ``c3``, ``s4``, ``c5``, and
+    ``pre_logits`` (F6, also what ``num_classes=0`` returns). Shared fields as
+    :class:`layers.ImageClassifier`, with the paper's 10 classes and ``norm='none'``
+    (``'batch'`` / ``'group'`` after C1, C3 and C5); ``drop_rate`` is dropout before the
+    output layer. ``padding`` is accepted for uniformity: LeNet-5 has no padded layers (its
+    convs and subsampling are unpadded by design, and the S4 zero-fill for inputs under
+    32 px is a size fix, not a layer's padding), so both modes give the same network.
+    Inputs: (B, H, W, 1), H and W >= 12 (32 as in the paper).
     """
 
-    num_classes: int = 10
-    norm: str = 'none'
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    padding: str = 'symmetric'
+    num_classes: int = layers.kw_only(10)
+    norm: str = layers.kw_only('none')
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies LeNet-5 to NHWC images.
+    # nn.Dense's own initialisation (LeCun-normal kernel, zero bias), as F6's.
+    HEAD_INIT = (nn.initializers.lecun_normal(), nn.initializers.zeros)
 
-        Args:
-            x: images, (B, H, W, 1), H and W >= 12 (32 as in the paper).
-            train: batch statistics and dropout on.
-            return_features: also return ``{'c1', 's2', 'c3', 's4', 'c5', 'pre_logits'}``
-                (the paper's layer names; ``pre_logits`` is F6).
-
-        Returns:
-            float32 logits (B, num_classes) (F6 features when ``num_classes == 0``), and the
-            feature dict when ``return_features``.
-        """
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, padding='valid', kernel_init=nn.initializers.lecun_normal()
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv('valid', kernel_init=nn.initializers.lecun_normal())
+        norm = self.make_norm(train)
         use_bias = self.norm == 'none'
-        features = {}
 
-        x = x.astype(self.dtype)
         x = conv(6, 5, use_bias=use_bias, name='c1')(x)
         x = features['c1'] = squash(norm(name='n1')(x))
         x = features['s2'] = squash(Subsampling(self.dtype, name='s2')(x))
@@ -229,14 +212,7 @@ class LeNet5(nn.Module):
         x = conv(120, 5, use_bias=use_bias, name='c5')(x)
         x = features['c5'] = squash(norm(name='n5')(x))
         x = jnp.mean(x, axis=(1, 2))
-
-        x = squash(nn.Dense(84, dtype=self.dtype, param_dtype=jnp.float32, name='f6')(x))
-        features['pre_logits'] = x.astype(jnp.float32)
-        if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32, name='fc')(x)
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return squash(nn.Dense(84, dtype=self.dtype, param_dtype=jnp.float32, name='f6')(x))
 
 
 register_leaf_kind(
@@ -245,16 +221,11 @@ register_leaf_kind(
 register_name_map(
     'lenet',
     (
-        NameRule('c1', 'c1', 'conv'),
-        NameRule('n1', 'n1', 'norm'),
-        NameRule('s2', 's2', 'subsampling'),
+        *flat('conv', 'c1', 'c5'),
         NameRule('c3.{j}', 'c3/map{j}', 'conv'),
-        NameRule('n3', 'n3', 'norm'),
-        NameRule('s4', 's4', 'subsampling'),
-        NameRule('c5', 'c5', 'conv'),
-        NameRule('n5', 'n5', 'norm'),
-        NameRule('f6', 'f6', 'linear'),
-        NameRule('fc', 'fc', 'linear'),
+        *flat('norm', 'n1', 'n3', 'n5'),
+        *flat('subsampling', 's2', 's4'),
+        *flat('linear', 'f6', 'fc'),
     ),
 )
 

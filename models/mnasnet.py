@@ -17,9 +17,17 @@ from the block tables below:
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+from models import registry
 from models.convert import NameRule, register_name_map
 from models.mobilenet import TIMM_RULES, Arch, Block, Layout, MobileNet
-from models.registry import register_model
+
+# torchvision's names; semnasnet_100 (timm's) overrides them.
+register_model = functools.partial(
+    registry.register_model, family='mnasnet', classifier='classifier_1', first_conv='layers_0'
+)
 
 _PAPER = 'Tan et al., "MnasNet: Platform-Aware Neural Architecture Search for Mobile", CVPR 2019'
 
@@ -78,48 +86,25 @@ register_name_map(
 )
 
 
-def _torchvision_mnasnet(alpha: float, **kwargs) -> MobileNet:
-    return MobileNet(
-        **{
-            'arch': MNASNET_B1,
-            'width': alpha,
-            'act': 'relu',
-            'layout': TORCHVISION_LAYOUT,
-            'bn_momentum': 0.9997,  # torchvision's momentum 1 - 0.9997, the paper's TF value
-            'drop_rate': 0.2,
-            **kwargs,
-        }
-    )
+def _torchvision_mnasnet(alpha: float) -> dict[str, Any]:
+    # BatchNorm momentum: torchvision's 1 - 0.9997, the paper's TF value.
+    return dict(arch=MNASNET_B1, width=alpha, act='relu', layout=TORCHVISION_LAYOUT, bn_momentum=0.9997, drop_rate=0.2)
 
 
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256 bilinear).
-@register_model(top1=67.734, paper=_PAPER)
-def mnasnet0_5(**kwargs) -> MobileNet:
-    """MnasNet-B1 0.5, 2,218,512 parameters (torchvision)."""
-    return _torchvision_mnasnet(0.5, **kwargs)
+# Registered name -> (MobileNet fields, ModelCfg fields); parameter counts in the README
+# table. top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256 bilinear); for
+# semnasnet_100, timm's data cfg of semnasnet_100.rmsp_in1k (bicubic, crop 0.875) and the
+# paper's Table 1 (MnasNet-A1, 75.2%), with timm's names.
+MNASNET_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    'mnasnet0_5': (_torchvision_mnasnet(0.5), dict(top1=67.734)),
+    'mnasnet0_75': (_torchvision_mnasnet(0.75), dict(top1=71.180, crop_pct=224 / 232)),
+    'mnasnet1_0': (_torchvision_mnasnet(1.0), dict(top1=73.456)),
+    'mnasnet1_3': (_torchvision_mnasnet(1.3), dict(top1=76.506, crop_pct=224 / 232)),
+    'semnasnet_100': (
+        dict(arch=MNASNET_A1, act='relu'),
+        dict(top1=75.2, interpolation='bicubic', classifier='classifier', first_conv='conv_stem'),
+    ),
+}
 
-
-@register_model(top1=71.180, crop_pct=224 / 232, paper=_PAPER)
-def mnasnet0_75(**kwargs) -> MobileNet:
-    """MnasNet-B1 0.75, 3,170,208 parameters (torchvision)."""
-    return _torchvision_mnasnet(0.75, **kwargs)
-
-
-@register_model(top1=73.456, paper=_PAPER)
-def mnasnet1_0(**kwargs) -> MobileNet:
-    """MnasNet-B1 1.0, 4,383,312 parameters (torchvision)."""
-    return _torchvision_mnasnet(1.0, **kwargs)
-
-
-@register_model(top1=76.506, crop_pct=224 / 232, paper=_PAPER)
-def mnasnet1_3(**kwargs) -> MobileNet:
-    """MnasNet-B1 1.3, 6,282,256 parameters (torchvision)."""
-    return _torchvision_mnasnet(1.3, **kwargs)
-
-
-# timm data cfg of semnasnet_100.rmsp_in1k (bicubic, crop 0.875); top1 = paper, Table 1
-# (MnasNet-A1, 75.2%).
-@register_model(top1=75.2, interpolation='bicubic', paper=_PAPER)
-def semnasnet_100(**kwargs) -> MobileNet:
-    """MnasNet-A1 (SE) as timm, 3,887,038 parameters."""
-    return MobileNet(**{'arch': MNASNET_A1, 'act': 'relu', **kwargs})
+for _name, (_fields, _cfg) in MNASNET_MODELS.items():
+    register_model(name=_name, paper=_PAPER, **_cfg)(functools.partial(MobileNet, **_fields))

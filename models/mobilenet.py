@@ -25,7 +25,8 @@
 
 Channel counts follow timm's ``round_channels``: ``width * c`` rounded to the nearest
 multiple of 8, bumped up one step if rounding lost more than 10% (torchvision's
-``_make_divisible`` is the same rule), so all counts match the references.
+``_make_divisible`` is the same rule, :func:`layers.make_divisible`), so all counts match
+the references. The body (:func:`mobile_body`, :class:`MobileBlock`) is also EfficientNet's.
 
 The variable names follow the reference whose weights a variant loads: timm's
 ``conv_stem`` / ``blocks.S.B.conv_pw`` / ``classifier`` for timm models, torchvision's
@@ -36,16 +37,20 @@ layouts never share a path, so one family name map converts both ways without am
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map, within
+
+register_model = functools.partial(
+    registry.register_model, family='mobilenet', classifier='classifier', first_conv='conv_stem'
+)
 
 _PAPER_V1 = (
     'Howard et al., "MobileNets: Efficient Convolutional Neural Networks for Mobile Vision '
@@ -71,13 +76,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     'hard_swish': hard_swish,
     'hard_sigmoid': hard_sigmoid,
     'sigmoid': nn.sigmoid,
+    'swish': nn.swish,
 }
-
-
-def round_channels(channels: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Nearest multiple of ``divisor`` (>= divisor), one step up if that lost > 10%."""
-    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < round_limit * channels else rounded
 
 
 # Depthwise kernels (kh, kw, 1, C): torch/timm initialise with fan_out = k*k*C / groups =
@@ -197,42 +197,17 @@ TORCHVISION_V2_LAYOUT = Layout(
 )
 
 
-class SqueezeExcite(nn.Module):
-    """Squeeze-excite of timm's efficient blocks (names ``conv_reduce`` / ``conv_expand``).
-
-    Attributes:
-        rd_channels: bottleneck width.
-        act: activation between the two 1x1 convs.
-        gate: gate on the excitation.
-        dtype: compute dtype.
-    """
-
-    rd_channels: int
-    act: Callable[[jax.Array], jax.Array] = nn.relu
-    gate: Callable[[jax.Array], jax.Array] = nn.sigmoid
-    dtype: layers.Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        # Biased plain convs (no weight standardisation): they act on a pooled vector.
-        common = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=jnp.float32)
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = self.act(nn.Conv(self.rd_channels, name='conv_reduce', **common)(s))
-        s = self.gate(nn.Conv(channels, name='conv_expand', **common)(s))
-        return x * s.astype(x.dtype)
-
-
 def _se_width(mid_channels: int, ratio: float, exp: float, from_exp: bool, rounding: str) -> int:
     # timm's EfficientNet states the SE ratio relative to the block input but applies
     # ratio / exp to the (rounded) expanded width; MobileNet v3 applies it to the expanded
     # width directly (``se_from_exp``). Same arithmetic here keeps the counts equal.
     value = mid_channels * (ratio if from_exp else ratio / exp)
-    return round_channels(value) if rounding == 'divisible' else round(value)
+    return layers.make_divisible(value) if rounding == 'divisible' else round(value)
 
 
 class MobileBlock(nn.Module):
-    """One ``'ds'``/``'dsa'``/``'ir'``/``'cn'`` block (timm's names: conv_pw, bn1, ...).
+    """One ``'ds'``/``'dsa'``/``'ir'``/``'cn'`` block (timm's names: conv_pw, bn1, ...): the
+    MBConv of MobileNet v2/v3, MnasNet and EfficientNet (``'ir'``; ``'ds'`` is MBConv1).
 
     Attributes:
         kind: block kind (see :class:`Block`).
@@ -243,12 +218,11 @@ class MobileBlock(nn.Module):
         se_width: squeeze-excite bottleneck width (0: none).
         skip: identity shortcut (only where shapes match).
         act: block activation.
-        se_act: activation inside the SE module.
-        se_gate: gate of the SE module.
+        se: constructor of the squeeze-excite module (a :class:`layers.SqueezeExcite`
+            partial, called with ``rd_channels`` and ``name='se'``).
         conv: conv constructor from :func:`layers.conv_factory`.
         norm: norm constructor from :func:`layers.norm_factory`.
         drop_path_rate: stochastic depth of the residual branch.
-        dtype: compute dtype.
     """
 
     kind: str
@@ -259,12 +233,10 @@ class MobileBlock(nn.Module):
     se_width: int
     skip: bool
     act: Callable[[jax.Array], jax.Array]
-    se_act: Callable[[jax.Array], jax.Array]
-    se_gate: Callable[[jax.Array], jax.Array]
+    se: Callable[..., nn.Module] | None
     conv: Callable[..., nn.Module]
     norm: Callable[..., nn.Module]
     drop_path_rate: float = 0.0
-    dtype: layers.Dtype = jnp.float32
 
     def _depthwise(self, x: jax.Array, name: str) -> jax.Array:
         return self.conv(
@@ -273,9 +245,7 @@ class MobileBlock(nn.Module):
         )(x)
 
     def _se(self, x: jax.Array) -> jax.Array:
-        if not self.se_width:
-            return x
-        return SqueezeExcite(self.se_width, self.se_act, self.se_gate, self.dtype, name='se')(x)
+        return self.se(rd_channels=self.se_width, name='se')(x) if self.se_width else x
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -300,8 +270,103 @@ class MobileBlock(nn.Module):
         return y
 
 
-class MobileNet(nn.Module):
+@dataclasses.dataclass(frozen=True)
+class BodySpec:
+    """What :func:`mobile_body` builds: a MobileNet's fields, or another family's (EfficientNet)
+    translated into them.
+
+    Attributes:
+        arch: block table (output widths before ``width`` scaling).
+        width: channel multiplier of the blocks.
+        stem: stem channels.
+        head_width: channels of the head conv (0: none).
+        head: ``'conv_norm'`` or ``'efficient'`` (see :class:`MobileNet`).
+        act: default activation name.
+        se: block activation -> squeeze-excite constructor (see :class:`MobileBlock`).
+        se_from_exp: SE ratio relative to the expanded width, else to the block input.
+        se_rounding: ``'round'`` or ``'divisible'`` (to 8).
+        layout: module names.
+        bn_momentum: flax BatchNorm momentum.
+        bn_eps: norm epsilon.
+    """
+
+    arch: Arch
+    width: float
+    stem: int
+    head_width: int
+    head: str
+    act: str
+    se: Callable[[Callable[[jax.Array], jax.Array]], Callable[..., nn.Module]]
+    se_from_exp: bool
+    se_rounding: str
+    layout: Layout
+    bn_momentum: float
+    bn_eps: float
+
+
+def mobile_body(
+    model: layers.ResidualClassifier, spec: BodySpec, x: jax.Array, train: bool, features: dict
+) -> jax.Array:
+    """Stem, the MBConv stages of ``spec.arch`` and the head of a mobile network, in
+    ``model``'s scope; block ``i`` of ``n`` drops its branch with ``drop_path_rate * i / n``
+    (timm's rule for these networks). Returns the map to pool, or the pooled vector after
+    the efficient head."""
+    conv = model.make_conv()
+    norm = model.make_norm(train, momentum=spec.bn_momentum, epsilon=spec.bn_eps)
+    act = ACTIVATIONS[spec.act]
+    names = spec.layout
+
+    x = act(norm(name=names.stem_norm)(conv(spec.stem, 3, 2, name=names.stem_conv)(x)))
+    features['stem'] = x
+
+    n_blocks = sum(row.repeats for stage in spec.arch for row in stage)
+    flat = 0
+    for s, stage in enumerate(spec.arch):
+        index = 0
+        for row in stage:
+            block_act = ACTIVATIONS[row.act or spec.act]
+            for r in range(row.repeats):
+                in_ch = x.shape[-1]
+                mid = layers.make_divisible(in_ch * row.exp) if row.kind == 'ir' else in_ch
+                se_width = _se_width(mid, row.se, row.exp, spec.se_from_exp, spec.se_rounding) if row.se else 0
+                x = MobileBlock(
+                    kind=row.kind,
+                    features=layers.make_divisible(row.out * spec.width),
+                    kernel=row.kernel,
+                    strides=row.stride if r == 0 else 1,
+                    mid=mid,
+                    se_width=se_width,
+                    skip=row.skip and row.kind != 'dsa',
+                    act=block_act,
+                    se=spec.se(block_act) if se_width else None,
+                    conv=conv,
+                    norm=norm,
+                    drop_path_rate=model.drop_path_rate * flat / n_blocks,
+                    name=names.block(s, index, flat),
+                )(x, train)
+                index += 1
+                flat += 1
+        features[f'stage{s + 1}'] = x
+
+    if spec.head == 'conv_norm' and spec.head_width:
+        x = act(norm(name=names.head_norm)(conv(spec.head_width, 1, name=names.head_conv)(x)))
+    elif spec.head == 'efficient' and spec.head_width:
+        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        # A plain biased conv: no norm follows it, so weight standardisation (whose scale
+        # a norm would undo) is not applied here.
+        x = nn.Conv(
+            spec.head_width, (1, 1), dtype=model.dtype, param_dtype=jnp.float32, name=names.head_conv
+        )(x.astype(model.dtype))
+        x = act(x).astype(jnp.float32).reshape(x.shape[0], -1)
+    return x
+
+
+class MobileNet(layers.ResidualClassifier):
     """Stem, a table of mobile blocks, a head and a classifier (MobileNet v1/v2/v3, MnasNet).
+
+    Features: ``stem``, ``stage1``.. (one per row group of ``arch``), ``pre_logits``. Shared
+    fields as :class:`layers.ResidualClassifier`; block ``i`` of ``n`` drops its residual
+    branch with ``drop_path_rate * i / n`` (timm's rule for these networks).
 
     Attributes:
         arch: block table, one tuple of :class:`Block` rows per stage.
@@ -318,17 +383,8 @@ class MobileNet(nn.Module):
         se_from_exp: SE ratio relative to the expanded width (v3) instead of the block
             input (MnasNet).
         layout: module names (see :class:`Layout`).
-        num_classes: classifier size; 0 returns the pooled features.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs.
         bn_momentum: flax BatchNorm momentum (0.9 is torch's 0.1).
         bn_eps: norm epsilon.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth of residual blocks; block ``i`` of ``n`` uses
-            ``drop_path_rate * i / n`` (timm's rule for these networks).
-        padding: conv padding mode (see :func:`layers.get_padding`).
     """
 
     arch: Arch
@@ -343,118 +399,56 @@ class MobileNet(nn.Module):
     se_rounding: str = 'round'
     se_from_exp: bool = False
     layout: Layout = TIMM_LAYOUT
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
     bn_momentum: float = 0.9
     bn_eps: float = 1e-5
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    CHOICES = {
+        'head': ('conv_norm', 'efficient'),
+        'act': tuple(ACTIVATIONS),
+        'se_act': (None, *ACTIVATIONS),
+        'se_gate': tuple(ACTIVATIONS),
+        'se_rounding': ('round', 'divisible'),
+    }
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics, dropout and drop-path on.
-            return_features: also return ``{'stem', 'stage1'.., 'pre_logits'}``.
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.norm not in ('batch', 'group'):
-            raise ValueError(f"MobileNet norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.head not in ('conv_norm', 'efficient'):
-            raise ValueError(f"head must be 'conv_norm' or 'efficient', got {self.head!r}")
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = layers.norm_factory(
-            self.norm, train, self.dtype, groups=self.gn_groups, momentum=self.bn_momentum,
-            epsilon=self.bn_eps,
+    def se_module(self, block_act: Callable[[jax.Array], jax.Array]) -> Callable[..., nn.Module]:
+        # timm's efficient-block SE: plain biased 1x1 convs with flax's default init.
+        return functools.partial(
+            layers.SqueezeExcite, names=('conv_reduce', 'conv_expand'),
+            act=ACTIVATIONS[self.se_act] if self.se_act else block_act, gate=ACTIVATIONS[self.se_gate],
+            kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.zeros, dtype=self.dtype,
         )
-        act = ACTIVATIONS[self.act]
-        names = self.layout
-        features = {}
 
-        x = x.astype(self.dtype)
-        stem = self.stem_width if self.fix_stem else round_channels(self.stem_width * self.width)
-        x = conv(stem, 3, 2, name=names.stem_conv)(x)
-        x = act(norm(name=names.stem_norm)(x))
-        features['stem'] = x
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        stem = self.stem_width if self.fix_stem else layers.make_divisible(self.stem_width * self.width)
+        spec = BodySpec(
+            self.arch, self.width, stem, self.head_width, self.head, self.act, self.se_module,
+            self.se_from_exp, self.se_rounding, self.layout, self.bn_momentum, self.bn_eps,
+        )
+        return mobile_body(self, spec, x, train, features)
 
-        n_blocks = sum(row.repeats for stage in self.arch for row in stage)
-        flat = 0
-        for s, stage in enumerate(self.arch):
-            index = 0
-            for row in stage:
-                block_act = ACTIVATIONS[row.act or self.act]
-                for r in range(row.repeats):
-                    in_ch = x.shape[-1]
-                    out_ch = round_channels(row.out * self.width)
-                    mid = round_channels(in_ch * row.exp) if row.kind == 'ir' else in_ch
-                    se_width = _se_width(mid, row.se, row.exp, self.se_from_exp, self.se_rounding) if row.se else 0
-                    x = MobileBlock(
-                        kind=row.kind,
-                        features=out_ch,
-                        kernel=row.kernel,
-                        strides=row.stride if r == 0 else 1,
-                        mid=mid,
-                        se_width=se_width,
-                        skip=row.skip and row.kind != 'dsa',
-                        act=block_act,
-                        se_act=ACTIVATIONS[self.se_act] if self.se_act else block_act,
-                        se_gate=ACTIVATIONS[self.se_gate],
-                        conv=conv,
-                        norm=norm,
-                        drop_path_rate=self.drop_path_rate * flat / n_blocks,
-                        dtype=self.dtype,
-                        name=names.block(s, index, flat),
-                    )(x, train)
-                    index += 1
-                    flat += 1
-            features[f'stage{s + 1}'] = x
-
-        if self.head == 'conv_norm' and self.head_width:
-            x = conv(self.head_width, 1, name=names.head_conv)(x)
-            x = act(norm(name=names.head_norm)(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-        if self.head == 'efficient' and self.head_width:
-            # A plain biased conv: no norm follows it, so weight standardisation (whose
-            # scale a norm would undo) is not applied here.
-            x = nn.Conv(
-                self.head_width, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name=names.head_conv
-            )(x.astype(self.dtype))
-            x = act(x).astype(jnp.float32)
-        x = x.reshape(x.shape[0], -1)
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                name=names.classifier,
-            )
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+    def classifier(self, x: jax.Array, train: bool, **kwargs) -> jax.Array:
+        return super().classifier(x, train, name=self.layout.classifier)
 
 
 # Rows shared by every timm-named efficient network (also used by models/mnasnet.py).
-TIMM_RULES: tuple[NameRule, ...] = (
-    NameRule('conv_stem', 'conv_stem', 'conv'),
-    NameRule('bn1', 'bn1', 'norm'),
-    NameRule('blocks.{s}.{b}.conv_pw', 'blocks_{s}_{b}/conv_pw', 'conv'),
-    NameRule('blocks.{s}.{b}.conv_dw', 'blocks_{s}_{b}/conv_dw', 'conv'),
-    NameRule('blocks.{s}.{b}.conv_pwl', 'blocks_{s}_{b}/conv_pwl', 'conv'),
-    NameRule('blocks.{s}.{b}.conv', 'blocks_{s}_{b}/conv', 'conv'),
-    NameRule('blocks.{s}.{b}.bn{i}', 'blocks_{s}_{b}/bn{i}', 'norm'),
-    NameRule('blocks.{s}.{b}.se.conv_reduce', 'blocks_{s}_{b}/se/conv_reduce', 'conv'),
-    NameRule('blocks.{s}.{b}.se.conv_expand', 'blocks_{s}_{b}/se/conv_expand', 'conv'),
-    NameRule('conv_head', 'conv_head', 'conv'),
-    NameRule('bn2', 'bn2', 'norm'),
-    NameRule('classifier', 'classifier', 'linear'),
-)
+# (EfficientNet's differ only in its SE layers' names, ``se/fc1`` / ``se/fc2``.)
+def timm_rules(se_names: tuple[str, str] = ('conv_reduce', 'conv_expand')) -> tuple[NameRule, ...]:
+    """timm's ``conv_stem`` / ``blocks.S.B.conv_pw`` / ``classifier`` names <-> ours."""
+    block = ('blocks.{s}.{b}', 'blocks_{s}_{b}')
+    return (
+        *flat('conv', 'conv_stem'),
+        *flat('norm', 'bn1'),
+        *within(*block, 'conv', 'conv_pw', 'conv_dw', 'conv_pwl', 'conv'),
+        *within(*block, 'norm', 'bn{i}'),
+        NameRule('blocks.{s}.{b}.se.conv_reduce', f'blocks_{{s}}_{{b}}/se/{se_names[0]}', 'conv'),
+        NameRule('blocks.{s}.{b}.se.conv_expand', f'blocks_{{s}}_{{b}}/se/{se_names[1]}', 'conv'),
+        *flat('conv', 'conv_head'),
+        *flat('norm', 'bn2'),
+        *flat('linear', 'classifier'),
+    )
+
+
+TIMM_RULES = timm_rules()
 
 register_name_map(
     'mobilenet',
@@ -474,87 +468,50 @@ register_name_map(
         NameRule('features.{k}.conv.3', 'features_{k}/bn3', 'norm'),
         NameRule('features.{k}.0', 'features_{k}_conv', 'conv'),
         NameRule('features.{k}.1', 'features_{k}_norm', 'norm'),
-        NameRule('classifier.1', 'classifier_1', 'linear'),
+        *flat('linear', 'classifier.1'),
     ),
 )
 
 
-def _v1(width: float, **kwargs) -> MobileNet:
-    return MobileNet(**{'arch': MOBILENET_V1, 'width': width, 'head_width': 0, **kwargs})
+def _v1(width: float) -> dict[str, Any]:
+    return dict(arch=MOBILENET_V1, width=width, head_width=0)
 
 
-def _v3(arch: Arch, **kwargs) -> MobileNet:
-    return MobileNet(
-        **{
-            'arch': arch,
-            'stem_width': 16,
-            'head': 'efficient',
-            'act': 'hard_swish',
-            'se_act': 'relu',
-            'se_gate': 'hard_sigmoid',
-            'se_rounding': 'divisible',
-            'se_from_exp': True,
-            **kwargs,
-        }
+def _v3(arch: Arch, **fields) -> dict[str, Any]:
+    return dict(
+        arch=arch, stem_width=16, head='efficient', act='hard_swish', se_act='relu', se_gate='hard_sigmoid',
+        se_rounding='divisible', se_from_exp=True, **fields,
     )
 
 
-# MobileNet v1: timm's data cfg of mobilenetv1_100.ra4_e3600_r224_in1k (mean/std 0.5);
-# top1 = paper, Table 6/7 at 224 px (timm ships no accuracy in its cfgs).
+# MobileNet v1: timm's data cfg of mobilenetv1_100.ra4_e3600_r224_in1k (mean/std 0.5); top1 =
+# paper, Table 6/7 at 224 px (timm ships no accuracy in its cfgs). Parameters (README table)
+# vs the paper's Table 6: 4.2M / 2.6M / 1.3M / 0.5M.
 _V1_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation='bicubic', paper=_PAPER_V1)
+# timm data cfgs (bicubic, crop 0.875); top1 = paper, Table 4 (MobileNetV2 1.4) and Table 3
+# (v3 Large 1.0 / Small 1.0).
+_V2_CFG = dict(interpolation='bicubic', paper=_PAPER_V2)
+_V3_CFG = dict(interpolation='bicubic', paper=_PAPER_V3)
 
+# Registered name -> (MobileNet fields, ModelCfg fields); parameter counts in the README table.
+MOBILENET_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    'mobilenetv1_100': (_v1(1.0), dict(top1=70.6, **_V1_CFG)),
+    'mobilenetv1_075': (_v1(0.75), dict(top1=68.4, **_V1_CFG)),
+    'mobilenetv1_050': (_v1(0.5), dict(top1=63.7, **_V1_CFG)),
+    'mobilenetv1_025': (_v1(0.25), dict(top1=50.6, **_V1_CFG)),
+    # torchvision's (dropout 0.2, its names); top1 of its IMAGENET1K_V1 weights (224 px,
+    # resize 256 bilinear).
+    'mobilenet_v2': (
+        dict(arch=MOBILENET_V2, layout=TORCHVISION_V2_LAYOUT, drop_rate=0.2),
+        dict(top1=71.878, paper=_PAPER_V2, classifier='classifier_1', first_conv='features_0_conv'),
+    ),
+    # timm's; head 1792 = round(1.4 * 1280).
+    'mobilenetv2_140': (
+        dict(arch=MOBILENET_V2, width=1.4, head_width=layers.make_divisible(1280 * 1.4)), dict(top1=74.7, **_V2_CFG)
+    ),
+    'mobilenetv3_large_100': (_v3(MOBILENET_V3_LARGE), dict(top1=75.2, **_V3_CFG)),
+    'mobilenetv3_small_100': (_v3(MOBILENET_V3_SMALL, head_width=1024), dict(top1=67.4, **_V3_CFG)),
+}
 
-@register_model(top1=70.6, **_V1_CFG)
-def mobilenetv1_100(**kwargs) -> MobileNet:
-    """MobileNet v1 1.0, 4,231,976 parameters (timm; paper Table 6: 4.2M)."""
-    return _v1(1.0, **kwargs)
-
-
-@register_model(top1=68.4, **_V1_CFG)
-def mobilenetv1_075(**kwargs) -> MobileNet:
-    """MobileNet v1 0.75, 2,585,560 parameters (paper Table 6: 2.6M)."""
-    return _v1(0.75, **kwargs)
-
-
-@register_model(top1=63.7, **_V1_CFG)
-def mobilenetv1_050(**kwargs) -> MobileNet:
-    """MobileNet v1 0.5, 1,331,592 parameters (paper Table 6: 1.3M)."""
-    return _v1(0.5, **kwargs)
-
-
-@register_model(top1=50.6, **_V1_CFG)
-def mobilenetv1_025(**kwargs) -> MobileNet:
-    """MobileNet v1 0.25, 470,072 parameters (paper Table 6: 0.5M)."""
-    return _v1(0.25, **kwargs)
-
-
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256 bilinear).
-@register_model(top1=71.878, paper=_PAPER_V2)
-def mobilenet_v2(**kwargs) -> MobileNet:
-    """MobileNet v2 1.0 as torchvision (dropout 0.2), 3,504,872 parameters."""
-    return MobileNet(
-        **{'arch': MOBILENET_V2, 'layout': TORCHVISION_V2_LAYOUT, 'drop_rate': 0.2, **kwargs}
-    )
-
-
-# timm data cfg (bicubic, crop 0.875); top1 = paper, Table 4 (MobileNetV2 1.4).
-@register_model(top1=74.7, interpolation='bicubic', paper=_PAPER_V2)
-def mobilenetv2_140(**kwargs) -> MobileNet:
-    """MobileNet v2 1.4 as timm, 6,108,776 parameters (head 1792 = round(1.4 * 1280))."""
-    return MobileNet(
-        **{'arch': MOBILENET_V2, 'width': 1.4, 'head_width': round_channels(1280 * 1.4), **kwargs}
-    )
-
-
-# timm data cfgs (bicubic, crop 0.875); top1 = paper, Table 3 (Large 1.0 / Small 1.0).
-@register_model(top1=75.2, interpolation='bicubic', paper=_PAPER_V3)
-def mobilenetv3_large_100(**kwargs) -> MobileNet:
-    """MobileNet v3-Large 1.0 as timm, 5,483,032 parameters."""
-    return _v3(MOBILENET_V3_LARGE, **kwargs)
-
-
-@register_model(top1=67.4, interpolation='bicubic', paper=_PAPER_V3)
-def mobilenetv3_small_100(**kwargs) -> MobileNet:
-    """MobileNet v3-Small 1.0 as timm, 2,542,856 parameters (head 1024)."""
-    return _v3(MOBILENET_V3_SMALL, **{'head_width': 1024, **kwargs})
-
+for _name, (_fields, _cfg) in MOBILENET_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(MobileNet, **_fields))

@@ -48,15 +48,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map
+
+register_model = functools.partial(
+    registry.register_model, family="nasnet", classifier="last_linear", first_conv="conv0_conv"
+)
 
 _PAPER = (
     'Zoph, Vasudevan, Shlens, Le, "Learning Transferable Architectures for Scalable Image '
@@ -233,8 +236,12 @@ class Cell(nn.Module):
         return jnp.concatenate([states[i] for i in self.spec.concat], axis=-1)
 
 
-class NASNet(nn.Module):
+class NASNet(layers.ResidualClassifier):
     """NASNet-A ``N@P`` for ImageNet (Zoph et al. 2018, Fig. 2), timm module layout.
+
+    Shared fields as :class:`layers.ResidualClassifier`; ``drop_path_rate`` is the paper's
+    ScheduledDropPath without the schedule (see the module docstring) and ``padding``
+    defaults to the reference's ``'tf_same'``.
 
     Attributes:
         cells_per_stage: N, normal cells per stack.
@@ -242,15 +249,6 @@ class NASNet(nn.Module):
         stem_filters: channels of the 3x3/2 stem conv.
         normal_cell: the normal cell description.
         reduction_cell: the reduction cell description.
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: see the module docstring.
-        padding: padding mode of the padded convs and pools; ``'tf_same'`` (default) is
-            the reference's, see the module docstring.
     """
 
     cells_per_stage: int = 6
@@ -258,65 +256,39 @@ class NASNet(nn.Module):
     stem_filters: int = 96
     normal_cell: CellSpec = NASNET_A_NORMAL
     reduction_cell: CellSpec = NASNET_A_REDUCTION
-    num_classes: int = 1000
-    norm: str = "batch"
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = "tf_same"
+    padding: str = layers.kw_only("tf_same")
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        layers.check_model_padding(self.padding, type(self).__name__)
+    HEAD = "last_linear"
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
         # TF 'SAME' is the symmetric torch padding for stride 1 and timm's dynamic
         # (bottom/right) padding for stride 2: exactly timm's pad_type='same'.
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
-        norm = layers.norm_factory(
-            self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3
-        )
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
+        norm = self.make_norm(train, epsilon=1e-3)
         filters = self.penultimate_filters // 24
         n = self.cells_per_stage
         total_cells = 3 * n + 2
-        features = {}
 
         def rate(index: int) -> float:
             return self.drop_path_rate * (index + 1) / total_cells
 
-        cell = functools.partial(Cell, padding=self.padding)
+        cell = functools.partial(Cell, conv=conv, norm=norm, padding=self.padding)
 
-        x = x.astype(self.dtype)
-        x0 = norm(name="conv0_bn")(
-            conv(self.stem_filters, 3, 2, padding="valid", name="conv0_conv")(x)
-        )
-        s0 = cell(self.reduction_cell, filters // 4, conv, norm, prev="none", name="cell_stem_0")(
-            x0, x0, train
-        )
-        s1 = cell(
-            self.reduction_cell, filters // 2, conv, norm, prev="factorized", name="cell_stem_1"
-        )(s0, x0, train)
+        x0 = norm(name="conv0_bn")(conv(self.stem_filters, 3, 2, padding="valid", name="conv0_conv")(x))
+        s0 = cell(self.reduction_cell, filters // 4, prev="none", name="cell_stem_0")(x0, x0, train)
+        s1 = cell(self.reduction_cell, filters // 2, prev="factorized", name="cell_stem_1")(s0, x0, train)
         features["stem"] = s1
         prev, cur = s0, s1
         index = 0
         for stage in range(3):
             width = filters * 2**stage
             if stage > 0:
-                red = cell(
-                    self.reduction_cell,
-                    width,
-                    conv,
-                    norm,
-                    drop_path_rate=rate(index),
-                    name=f"reduction_cell_{stage - 1}",
-                )(cur, prev, train)
                 # As in timm (and the TF-slim checkpoints it ports): the cell after a
                 # reduction takes the reduction's output and the reduction's own input
                 # before last (cell_6 reads reduction_cell_0 and cell_4).
-                cur = red
+                cur = cell(
+                    self.reduction_cell, width, drop_path_rate=rate(index), name=f"reduction_cell_{stage - 1}"
+                )(cur, prev, train)
                 index += 1
             for c in range(n):
                 # The first cell after a reduction (and the one after the stem, whose
@@ -324,8 +296,6 @@ class NASNet(nn.Module):
                 nxt = cell(
                     self.normal_cell,
                     width,
-                    conv,
-                    norm,
                     prev="factorized" if c == 0 else "conv",
                     drop_path_rate=rate(index),
                     name=f"cell_{stage * n + c}",
@@ -333,16 +303,7 @@ class NASNet(nn.Module):
                 prev, cur = cur, nxt
                 index += 1
             features[f"stage{stage + 1}"] = cur
-        x = nn.relu(cur)
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features["pre_logits"] = pooled
-        if self.num_classes:
-            pooled = layers.classifier_head(
-                pooled, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                name="last_linear",
-            )
-        out = pooled.astype(jnp.float32)
-        return (out, features) if return_features else out
+        return nn.relu(cur)
 
 
 def _cell_rules(prefix: str) -> list[NameRule]:
@@ -373,41 +334,22 @@ register_name_map(
         NameRule("conv0.conv", "conv0_conv", "conv"),
         NameRule("conv0.bn", "conv0_bn", "norm"),
         *(r for prefix in ("cell_stem", "cell", "reduction_cell") for r in _cell_rules(prefix)),
-        NameRule("last_linear", "last_linear", "linear"),
+        *flat("linear", "last_linear"),
     ),
 )
 
-_MEAN = (0.5, 0.5, 0.5)
+# Registered name -> (NASNet fields, ModelCfg fields); parameter counts in the README table.
+# nasnetalarge: timm's tf_in1k data cfg, top1 of the paper's Table 2 (NASNet-A 6@4032).
+# nasnetamobile: the paper's mobile setting (Table 2: 4@1056, 224 px, 74.0% top-1, 5.3M
+# parameters) with TF-slim's eval preprocessing (Inception mean/std, central crop 0.875).
+_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", paper=_PAPER)
+NASNET_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "nasnetalarge": ({}, dict(input_size=(331, 331, 3), crop_pct=0.911, top1=82.7, **_CFG)),
+    "nasnetamobile": (
+        dict(cells_per_stage=4, penultimate_filters=1056, stem_filters=32),
+        dict(input_size=(224, 224, 3), crop_pct=0.875, top1=74.0, **_CFG),
+    ),
+}
 
-
-# Data settings: timm's tf_in1k cfg. top1: paper Table 2 (NASNet-A 6@4032, 82.7%).
-@register_model(
-    input_size=(331, 331, 3),
-    mean=_MEAN,
-    std=_MEAN,
-    crop_pct=0.911,
-    interpolation="bicubic",
-    top1=82.7,
-    paper=_PAPER,
-)
-def nasnetalarge(**kwargs) -> NASNet:
-    """NASNet-A large (6@4032), 88,753,150 parameters (timm)."""
-    return NASNet(**kwargs)
-
-
-# The paper's mobile setting (Table 2: 4@1056, 224 px, 74.0% top-1); TF-slim's eval
-# preprocessing (Inception mean/std, central crop 0.875).
-@register_model(
-    input_size=(224, 224, 3),
-    mean=_MEAN,
-    std=_MEAN,
-    crop_pct=0.875,
-    interpolation="bicubic",
-    top1=74.0,
-    paper=_PAPER,
-)
-def nasnetamobile(**kwargs) -> NASNet:
-    """NASNet-A mobile (4@1056), 5,289,978 parameters (paper Table 2: 5.3M)."""
-    return NASNet(
-        **{"cells_per_stage": 4, "penultimate_filters": 1056, "stem_filters": 32, **kwargs}
-    )
+for _name, (_fields, _cfg) in NASNET_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(NASNet, **_fields))

@@ -41,18 +41,29 @@ skipinit gains 0, classifier weight normal(0, 0.01) and bias 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
-from models.convert import LEAF_KINDS, LeafSpec, NameRule, register_leaf_kind, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import (
+    LEAF_KINDS,
+    LeafSpec,
+    NameRule,
+    flat,
+    register_leaf_kind,
+    register_name_map,
+    within,
+)
+
+register_model = functools.partial(
+    registry.register_model, family='nfnet', classifier='fc', first_conv='stem_conv1'
+)
 
 _PAPER = (
     'Brock et al., "High-Performance Large-Scale Image Recognition Without Normalization", '
@@ -84,14 +95,6 @@ _fan_in_normal = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 def gamma_gelu(x: jax.Array) -> jax.Array:
     """GELU (erf form, as torch's default) rescaled to unit output variance."""
     return jax.nn.gelu(x, approximate=False) * GELU_GAMMA
-
-
-def make_divisible(v: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Nearest multiple of ``divisor``, bumped up if that loses more than ``1 - round_limit``."""
-    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
-    if new_v < round_limit * v:
-        new_v += divisor
-    return new_v
 
 
 class ScaledStdConv(nn.Module):
@@ -169,27 +172,6 @@ def nf_conv_factory(weight_std: bool, dtype: layers.Dtype, padding: str = 'tf_sa
     return make
 
 
-class SqueezeExcite(nn.Module):
-    """Squeeze-and-excitation (Hu et al. 2018) with ReLU and a sigmoid gate.
-
-    Attributes:
-        ratio: reduced width as a fraction of the input width (0.5 in NFNets).
-        dtype: compute dtype.
-    """
-
-    ratio: float = 0.5
-    dtype: layers.Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        conv = layers.conv_factory(False, self.dtype, 'valid', kernel_init=_fan_in_normal)
-        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
-        s = nn.relu(conv(make_divisible(c * self.ratio, 8, round_limit=0.0), 1, use_bias=True, name='fc1')(s))
-        s = conv(c, 1, use_bias=True, name='fc2')(s)
-        return x * nn.sigmoid(s)
-
-
 def _avg_pool_ceil(x: jax.Array) -> jax.Array:
     """torch ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)``.
 
@@ -232,7 +214,7 @@ class NFBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        mid = make_divisible(self.features * self.bottle_ratio, 8)
+        mid = layers.make_divisible(self.features * self.bottle_ratio, 8)
         groups = mid // self.group_size
         mid = self.group_size * groups
 
@@ -250,14 +232,23 @@ class NFBlock(nn.Module):
         y = normed(y, 'norm2')
         y = normed(self.conv(mid, 3, groups=groups, name='conv2b')(gamma_gelu(y)), 'norm2b')
         y = normed(self.conv(self.features, 1, name='conv3')(gamma_gelu(y)), 'norm3')
-        y = self.attn_gain * SqueezeExcite(self.se_ratio, self.dtype, name='attn_last')(y)
+        y = self.attn_gain * layers.SqueezeExcite(
+            rd_ratio=self.se_ratio, rd_divisor=8, kernel_init=_fan_in_normal,
+            bias_init=nn.initializers.zeros, dtype=self.dtype, name='attn_last',
+        )(y)
         y = layers.DropPath(self.drop_path_rate)(y, train)
         skip_gain = self.param('skipinit_gain', nn.initializers.zeros, (), jnp.float32)
         return (y * skip_gain.astype(y.dtype)) * self.alpha + shortcut
 
 
-class NFNet(nn.Module):
+class NFNet(layers.ResidualClassifier):
     """Normalizer-free ResNet (NFNet-F family, DeepMind/timm ``dm_nfnet`` layout).
+
+    Features: ``stem``, ``stage1``..``stage4``, ``pre_logits``. Shared fields as
+    :class:`layers.ResidualClassifier`, with the NF design's defaults: ``norm='none'``
+    (``'batch'`` / ``'group'`` insert a norm after every residual-branch conv, see the
+    module docstring), ``weight_std=True`` (scaled weight standardisation) and
+    ``padding='tf_same'`` as the released (JAX) weights.
 
     Attributes:
         depths: blocks per stage.
@@ -268,16 +259,6 @@ class NFNet(nn.Module):
         group_size: channels per group of the 3x3 convs.
         bottle_ratio: bottleneck width / output width.
         se_ratio: squeeze-excite reduction.
-        num_classes: classifier size; 0 returns pooled features instead of logits.
-        norm: ``'none'`` (the NF design), or ``'batch'`` / ``'group'`` inserted after every
-            residual-branch conv (see the module docstring).
-        gn_groups: groups when ``norm='group'``.
-        weight_std: scaled weight standardisation (True: the NF design).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth; block ``i`` of ``n`` uses
-            ``drop_path_rate * i / (n - 1)``.
-        padding: conv padding mode; ``'tf_same'`` as the released (JAX) weights.
     """
 
     depths: tuple[int, ...] = (1, 2, 6, 3)
@@ -288,39 +269,21 @@ class NFNet(nn.Module):
     group_size: int = 128
     bottle_ratio: float = 0.5
     se_ratio: float = 0.5
-    num_classes: int = 1000
-    norm: str = 'none'
-    gn_groups: int = 32
-    weight_std: bool = True
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = 'tf_same'
+    norm: str = layers.kw_only('none')
+    weight_std: bool = layers.kw_only(True)
+    padding: str = layers.kw_only('tf_same')
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    HEAD_INIT = (nn.initializers.normal(0.01), nn.initializers.zeros)
 
-        Args:
-            x: images, (B, H, W, C).
-            train: dropout, drop-path (and batch statistics with ``norm='batch'``) on.
-            return_features: also return ``{'stem', 'stage1'..'stage4', 'pre_logits'}``.
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.norm not in layers.NORMS:
-            raise ValueError(f'NFNet norm must be one of {layers.NORMS}, got {self.norm!r}')
+    def check_fields(self) -> None:
+        super().check_fields()
         if len(self.widths) != len(self.depths):
-            raise ValueError('widths and depths need one entry per stage')
-        conv = nf_conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = None
-        if self.norm != 'none':
-            norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
+            raise self.invalid('widths', f'one entry per stage ({len(self.depths)})')
 
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = nf_conv_factory(self.weight_std, self.dtype, self.padding)
+        norm = None if self.norm == 'none' else self.make_norm(train)
+
         stem_strides = (2, 1, 1, 2)
         for i, (width, stride) in enumerate(zip(self.stem_widths, stem_strides, strict=True)):
             if i:
@@ -328,52 +291,23 @@ class NFNet(nn.Module):
             x = conv(width, 3, stride, name=f'stem_conv{i + 1}')(x)
         features['stem'] = x
 
-        n_blocks = sum(self.depths)
-        index = 0
-        # Variance of the residual stream, tracked analytically across stages: a stage's
-        # first block sees the previous stage's accumulated variance.
-        expected_var = 1.0
-        for stage, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True)):
-            # The stem already reduces by 4, so the first stage keeps the resolution.
-            for b in range(depth):
-                x = NFBlock(
-                    features=width,
-                    strides=2 if stage > 0 and b == 0 else 1,
-                    alpha=self.alpha,
-                    beta=1.0 / math.sqrt(expected_var),
-                    conv=conv,
-                    norm=norm,
-                    group_size=self.group_size,
-                    bottle_ratio=self.bottle_ratio,
-                    se_ratio=self.se_ratio,
-                    drop_path_rate=self.drop_path_rate * index / max(n_blocks - 1, 1),
-                    dtype=self.dtype,
-                    name=f'stages_{stage}_{b}',
-                )(x, train)
-                # Variance grows by alpha^2 per block; the first block of a stage has a
-                # conv shortcut whose output is back at unit variance.
-                if b == 0:
-                    expected_var = 1.0
+        def block(s: int, b: int, rate: float) -> NFBlock:
+            # The input variance, tracked analytically: alpha^2 per block since the last
+            # stage-opening block (whose conv shortcut restores unit variance); a stage's
+            # first block sees the previous stage's accumulated variance. The stem already
+            # reduces by 4, so the first stage keeps the resolution.
+            expected_var = 1.0
+            for _ in range(b if b > 0 else (self.depths[s - 1] if s > 0 else 0)):
                 expected_var += self.alpha**2
-                index += 1
-            features[f'stage{stage + 1}'] = x
+            return NFBlock(
+                self.widths[s], 2 if s > 0 and b == 0 else 1, self.alpha, 1.0 / math.sqrt(expected_var), conv,
+                norm, self.group_size, self.bottle_ratio, self.se_ratio, drop_path_rate=rate, dtype=self.dtype,
+                name=f'stages_{s}_{b}',
+            )
 
+        x = self.residual_stages(x, train, features, self.depths, block)
         x = conv(int(self.widths[-1] * self.final_conv_mult), 1, name='final_conv')(x)
-        x = gamma_gelu(x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.initializers.normal(0.01),
-                bias_init=nn.initializers.zeros,
-                name='fc',
-            )(x)
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return gamma_gelu(x)
 
 
 def _gain_to_ours(g: np.ndarray) -> np.ndarray:
@@ -399,72 +333,20 @@ register_leaf_kind('nf_block', {'skipinit_gain': LeafSpec('params', 'skipinit_ga
 register_name_map(
     'nfnet',
     (
-        NameRule('stem.conv{i}', 'stem_conv{i}', 'nf_conv'),
-        NameRule('stages.{s}.{b}', 'stages_{s}_{b}', 'nf_block'),
-        NameRule('stages.{s}.{b}.downsample.conv', 'stages_{s}_{b}/downsample_conv', 'nf_conv'),
-        NameRule('stages.{s}.{b}.conv{i}', 'stages_{s}_{b}/conv{i}', 'nf_conv'),
-        NameRule('stages.{s}.{b}.conv2b', 'stages_{s}_{b}/conv2b', 'nf_conv'),
+        *flat('nf_conv', 'stem.conv{i}'),
+        *flat('nf_block', 'stages.{s}.{b}'),
+        *within('stages.{s}.{b}', 'stages_{s}_{b}', 'nf_conv', 'downsample.conv', 'conv{i}', 'conv2b'),
         NameRule('stages.{s}.{b}.attn_last.fc{i}', 'stages_{s}_{b}/attn_last/fc{i}', 'conv'),
-        NameRule('final_conv', 'final_conv', 'nf_conv'),
+        *flat('nf_conv', 'final_conv'),
         NameRule('head.fc', 'fc', 'linear'),
     ),
 )
 
 
-def _nfnet(name: str, **kwargs: Any) -> NFNet:
-    depths = NFNET_VARIANTS[name][0]
-    return NFNet(**{'depths': depths, **kwargs})
-
-
-def _cfg(name: str) -> dict[str, Any]:
-    _, train_res, _, crop_pct, top1 = NFNET_VARIANTS[name]
-    return dict(
-        input_size=(train_res, train_res, 3),
-        crop_pct=crop_pct,
-        interpolation='bicubic',
-        top1=top1,
-        paper=_PAPER,
-    )
-
-
-@register_model(**_cfg('dm_nfnet_f0'))
-def dm_nfnet_f0(**kwargs: Any) -> NFNet:
-    """NFNet-F0 (Table 1: train 192 px, test 256 px), 71,489,284 parameters."""
-    return _nfnet('dm_nfnet_f0', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f1'))
-def dm_nfnet_f1(**kwargs: Any) -> NFNet:
-    """NFNet-F1 (Table 1: train 224 px, test 320 px), 132,634,256 parameters."""
-    return _nfnet('dm_nfnet_f1', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f2'))
-def dm_nfnet_f2(**kwargs: Any) -> NFNet:
-    """NFNet-F2 (Table 1: train 256 px, test 352 px), 193,779,228 parameters."""
-    return _nfnet('dm_nfnet_f2', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f3'))
-def dm_nfnet_f3(**kwargs: Any) -> NFNet:
-    """NFNet-F3 (Table 1: train 320 px, test 416 px), 254,924,200 parameters."""
-    return _nfnet('dm_nfnet_f3', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f4'))
-def dm_nfnet_f4(**kwargs: Any) -> NFNet:
-    """NFNet-F4 (Table 1: train 384 px, test 512 px), 316,069,172 parameters."""
-    return _nfnet('dm_nfnet_f4', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f5'))
-def dm_nfnet_f5(**kwargs: Any) -> NFNet:
-    """NFNet-F5 (Table 1: train 416 px, test 544 px), 377,214,144 parameters."""
-    return _nfnet('dm_nfnet_f5', **kwargs)
-
-
-@register_model(**_cfg('dm_nfnet_f6'))
-def dm_nfnet_f6(**kwargs: Any) -> NFNet:
-    """NFNet-F6 (Table 1: train 448 px, test 576 px), 438,359,116 parameters."""
-    return _nfnet('dm_nfnet_f6', **kwargs)
-
+# Every NFNET_VARIANTS row is a registered model (parameter counts in the README table),
+# evaluated by default at its train resolution.
+for _name, (_depths, _train_res, _, _crop_pct, _top1) in NFNET_VARIANTS.items():
+    register_model(
+        name=_name, input_size=(_train_res, _train_res, 3), crop_pct=_crop_pct, interpolation='bicubic',
+        top1=_top1, paper=_PAPER,
+    )(functools.partial(NFNet, depths=_depths))

@@ -1,8 +1,14 @@
 """Model registry: ``@register_model`` factories, each with a default :class:`ModelCfg`.
 
 A factory is a function ``def resnet50(**kwargs) -> nn.Module`` whose name is the model
-name (timm's name where timm has the model, torchvision's otherwise). Its module fields are
-the overrides :func:`create_model` accepts.
+name (timm's name where timm has the model, torchvision's otherwise), or one registered
+under an explicit ``name=`` from a visible variant table. Its module fields are the
+overrides :func:`create_model` accepts. Every registration names its ``family`` (the key of
+its weight-conversion name map, see :mod:`models.convert`) and, in its cfg, its classifier
+and first conv; a family module binds its own defaults once::
+
+    register_model = functools.partial(registry.register_model, family='resnet',
+                                       classifier='fc', first_conv='conv1')
 
 Where timm names a registered model differently, the timm name is an alias
 (:data:`MODEL_ALIASES`): accepted everywhere a model name is, listed by
@@ -14,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 
@@ -72,6 +78,13 @@ class ModelCfg:
         top1: published ImageNet top-1 accuracy in % of the reference weights, where one
             exists (None otherwise, e.g. LeNet-5).
         paper: citation of the architecture.
+        classifier: the classifier's module path(s) in the ``params`` tree, ``'/'``-joined
+            (``'fc'``, ``'head_fc'``, ``'aux1/fc2'``), as timm's pretrained cfg names it: a
+            tuple when there are several (Inception's auxiliary heads, which exist only
+            with ``aux_logits=True``). Exactly the variables whose shape depends on
+            ``num_classes`` lie under these paths. See :func:`classifier_paths`.
+        first_conv: module path of the first convolution (the one that sees the image's
+            ``input_size[2]`` channels).
     """
 
     input_size: tuple[int, int, int] = (224, 224, 3)
@@ -82,12 +95,16 @@ class ModelCfg:
     num_classes: int = 1000
     top1: float | None = None
     paper: str = ''
+    classifier: str | tuple[str, ...] = ()
+    first_conv: str = ''
 
     def __post_init__(self):
         if self.interpolation not in ('bilinear', 'bicubic'):
             raise ValueError(f'interpolation must be bilinear|bicubic, got {self.interpolation!r}')
         if len(self.mean) != self.input_size[2] or len(self.std) != self.input_size[2]:
             raise ValueError('mean/std need one entry per input channel')
+        if not self.classifier or not self.first_conv:
+            raise ValueError('a ModelCfg declares its classifier and first_conv module paths')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,25 +117,31 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_model(**cfg_fields) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator registering a model factory under its function name.
+def register_model(
+    *, family: str, name: str | None = None, **cfg_fields
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a model factory.
 
     Args:
-        **cfg_fields: :class:`ModelCfg` fields that differ from the ImageNet defaults.
+        family: the model's family, e.g. ``'resnet'``: the key of its weight-conversion
+            name map (:func:`models.convert.register_name_map`) unless a map is registered
+            under the model's own name.
+        name: the registered name; defaults to the factory's function name.
+        **cfg_fields: :class:`ModelCfg` fields that differ from the ImageNet defaults;
+            ``classifier`` and ``first_conv`` are required.
 
     Raises:
-        ValueError: if the name is already registered.
+        ValueError: if the name is already registered or an alias.
     """
     cfg = ModelCfg(**cfg_fields)
 
     def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        name = fn.__name__
-        if name in MODEL_ALIASES:
-            raise ValueError(f'model {name!r} is already an alias of {MODEL_ALIASES[name]!r}')
-        if name in _REGISTRY:
-            raise ValueError(f'model {name!r} is already registered (by {_REGISTRY[name].factory.__module__})')
-        # The family (module file name) selects the weight-conversion name map.
-        _REGISTRY[name] = _Entry(fn, cfg, fn.__module__.rsplit('.', 1)[-1])
+        key = name or fn.__name__
+        if key in MODEL_ALIASES:
+            raise ValueError(f'model {key!r} is already an alias of {MODEL_ALIASES[key]!r}')
+        if key in _REGISTRY:
+            raise ValueError(f'model {key!r} is already registered (family {_REGISTRY[key].family!r})')
+        _REGISTRY[key] = _Entry(fn, cfg, family)
         return fn
 
     return decorator
@@ -163,8 +186,43 @@ def get_model_cfg(name: str) -> ModelCfg:
 
 
 def get_model_family(name: str) -> str:
-    """The family (defining module's file name, e.g. ``'resnet'``) of a registered model."""
+    """The family a registered model was registered with (e.g. ``'resnet'``)."""
     return _entry(name).family
+
+
+def classifier_paths(name: str) -> tuple[str, ...]:
+    """The module paths of a model's classifier, as declared by its :class:`ModelCfg`.
+
+    Each path is ``'/'``-joined into the ``params`` tree (``('fc',)`` for ResNet-50,
+    ``('head_fc',)`` for BiT, ``('fc', 'aux1/fc2', 'aux2/fc2')`` for GoogLeNet). The
+    variables under these paths are exactly those whose shape changes with
+    ``num_classes`` (a test holds every registered model to that). Optional parts may be
+    absent from a given model's params (Inception's auxiliary heads exist only with
+    ``aux_logits=True``), and a headless model (``num_classes=0``) has none of them, so
+    match the paths against the variables at hand, e.g. with :func:`in_classifier`.
+
+    Args:
+        name: registered model name or alias.
+
+    Raises:
+        UnknownModelError: unknown name.
+    """
+    declared = _entry(name).cfg.classifier
+    return (declared,) if isinstance(declared, str) else tuple(declared)
+
+
+def in_classifier(name: str, path: str | Sequence[str]) -> bool:
+    """Whether a variable or module path lies under one of :func:`classifier_paths`.
+
+    Args:
+        name: registered model name or alias.
+        path: ``'/'``-joined or a tuple of keys, with or without the collection
+            (``('params', 'fc', 'kernel')``, ``'fc/bias'``, ``('aux1', 'fc2')``).
+    """
+    keys = tuple(path.split('/')) if isinstance(path, str) else tuple(path)
+    if keys and keys[0] in ('params', 'batch_stats'):
+        keys = keys[1:]
+    return any(keys[: len(p)] == p for p in (tuple(c.split('/')) for c in classifier_paths(name)))
 
 
 def model_fields(module_cls: type[nn.Module]) -> list[str]:

@@ -29,15 +29,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map, within
+
+register_model = functools.partial(
+    registry.register_model, family='resnet', classifier='fc', first_conv='conv1'
+)
 
 _PAPER = 'He et al., "Deep Residual Learning for Image Recognition", CVPR 2016'
 _PAPER_WIDE = 'Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016'
@@ -55,7 +57,7 @@ RESNET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs (ResNet-18/34).
+    """Two 3x3 convs (ResNet-18/34), the residual add and the channel attention.
 
     Attributes:
         features: width of the block (and its output; expansion 1).
@@ -67,7 +69,8 @@ class BasicBlock(nn.Module):
         groups: must be 1 (grouped basic blocks are not defined; torchvision raises too).
         base_width: must be 64.
         attn: constructor of a channel-attention module applied to the branch output
-            (named ``se``), or None.
+            (named :attr:`ATTN_NAME`), or None.
+        down_kernel: kernel size of the projection shortcut's conv.
     """
 
     features: int
@@ -79,68 +82,49 @@ class BasicBlock(nn.Module):
     groups: int = 1
     base_width: int = 64
     attn: Callable[..., nn.Module] | None = None
+    down_kernel: int = 1
 
     expansion: ClassVar[int] = 1
+    ATTN_NAME: ClassVar[str] = 'se'
+
+    def branch(self, x: jax.Array, last_scale: Callable) -> jax.Array:
+        if self.groups != 1 or self.base_width != 64:
+            raise ValueError('BasicBlock supports only groups=1 and base_width=64')
+        y = nn.relu(self.norm(name='bn1')(self.conv(self.features, 3, self.strides, name='conv1')(x)))
+        return self.norm(name='bn2', scale_init=last_scale)(self.conv(self.features, 3, name='conv2')(y))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.groups != 1 or self.base_width != 64:
-            raise ValueError('BasicBlock supports only groups=1 and base_width=64')
-        last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
-        y = self.conv(self.features, 3, self.strides, name='conv1')(x)
-        y = nn.relu(self.norm(name='bn1')(y))
-        y = self.conv(self.features, 3, name='conv2')(y)
-        y = self.norm(name='bn2', scale_init=last_scale)(y)
+        y = self.branch(x, nn.initializers.zeros if self.zero_init_last else nn.initializers.ones)
         if self.attn is not None:
-            y = self.attn(name='se')(y)
-        return nn.relu(_shortcut(self, x, y.shape[-1]) + layers.DropPath(self.drop_path_rate)(y, train))
+            y = self.attn(name=self.ATTN_NAME)(y)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != y.shape[-1]:
+            # Option B: a (1x1) conv + norm only where the stride or width changes.
+            shortcut = self.conv(y.shape[-1], self.down_kernel, self.strides, name='downsample_conv')(x)
+            shortcut = self.norm(name='downsample_bn')(shortcut)
+        return nn.relu(shortcut + layers.DropPath(self.drop_path_rate)(y, train))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(BasicBlock):
     """1x1 reduce, 3x3 (strided, v1.5), 1x1 expand by 4 (ResNet-50/101/152).
 
     The inner width is ``floor(features * base_width / 64) * groups`` (torchvision's rule):
     ``features`` for plain ResNets, ``2 * features`` for Wide ResNet-50-2 (base width 128)
     and ResNeXt-50 32x4d (32 groups of 4 * features / 64), whose 3x3 conv is grouped.
-
-    Attributes: as :class:`BasicBlock`; ``features`` is the stage's planes, the output
-    has ``4 * features`` channels; ``groups`` is the cardinality of the 3x3 conv and
-    ``base_width`` the channels per group at 64 planes.
+    Attributes as :class:`BasicBlock`; the output has ``4 * features`` channels; ``groups``
+    is the cardinality of the 3x3 conv and ``base_width`` the channels per group at 64 planes.
     """
-
-    features: int
-    strides: int
-    conv: Callable[..., nn.Module]
-    norm: Callable[..., nn.Module]
-    drop_path_rate: float = 0.0
-    zero_init_last: bool = False
-    groups: int = 1
-    base_width: int = 64
-    attn: Callable[..., nn.Module] | None = None
 
     expansion: ClassVar[int] = 4
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        last_scale = nn.initializers.zeros if self.zero_init_last else nn.initializers.ones
+    def branch(self, x: jax.Array, last_scale: Callable) -> jax.Array:
         width = int(self.features * self.base_width / 64) * self.groups
-        y = self.conv(width, 1, name='conv1')(x)
-        y = nn.relu(self.norm(name='bn1')(y))
+        y = nn.relu(self.norm(name='bn1')(self.conv(width, 1, name='conv1')(x)))
         y = self.conv(width, 3, self.strides, feature_group_count=self.groups, name='conv2')(y)
         y = nn.relu(self.norm(name='bn2')(y))
         y = self.conv(self.features * self.expansion, 1, name='conv3')(y)
-        y = self.norm(name='bn3', scale_init=last_scale)(y)
-        if self.attn is not None:
-            y = self.attn(name='se')(y)
-        return nn.relu(_shortcut(self, x, y.shape[-1]) + layers.DropPath(self.drop_path_rate)(y, train))
-
-
-def _shortcut(block: BasicBlock | Bottleneck, x: jax.Array, out_features: int) -> jax.Array:
-    """Identity, or 1x1 conv + norm where the stride or width changes (option B)."""
-    if block.strides == 1 and x.shape[-1] == out_features:
-        return x
-    x = block.conv(out_features, 1, block.strides, name='downsample_conv')(x)
-    return block.norm(name='downsample_bn')(x)
+        return self.norm(name='bn3', scale_init=last_scale)(y)
 
 
 _BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -154,8 +138,12 @@ ATTN_LAYERS: dict[str, Callable[..., Callable[..., nn.Module]]] = {
 }
 
 
-class ResNet(nn.Module):
+class ResNet(layers.ResidualClassifier):
     """ResNet v1.5 (torchvision layout).
+
+    Features: ``stem`` (after the max-pool), ``stage1``..``stage4``, ``pre_logits``. The
+    shared fields (``num_classes``, ``norm``, ..., ``drop_path_rate``) are
+    :class:`layers.ResidualClassifier`'s; ``padding`` covers the convs and the stem pool.
 
     Attributes:
         stage_sizes: blocks per stage.
@@ -167,18 +155,9 @@ class ResNet(nn.Module):
             ResNet-50-2, 4 for ResNeXt 32x4d).
         attn_layer: channel attention after the last norm of every branch: None or
             ``'se'`` (squeeze-excitation, see :data:`ATTN_LAYERS`).
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout rate before the classifier.
-        drop_path_rate: stochastic depth; block ``i`` of ``n`` uses
-            ``drop_path_rate * i / (n - 1)`` (linear rule of Huang et al. 2016).
         zero_init_last: zero-init the last norm scale of every residual branch.
         stem: ``'imagenet'`` (7x7/2 conv + 3x3/2 max-pool) or ``'cifar'`` (3x3/1 conv, no
             pool; for 32 px inputs, as in He et al. 2016 Sec. 4.2).
-        padding: padding mode of convs and the stem pool (see :func:`layers.get_padding`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -188,207 +167,97 @@ class ResNet(nn.Module):
     groups: int = 1
     base_width: int = 64
     attn_layer: str | None = None
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     zero_init_last: bool = False
     stem: str = 'imagenet'
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    CHOICES = {'block': tuple(_BLOCKS), 'attn_layer': (None, *ATTN_LAYERS), 'stem': ('imagenet', 'cifar')}
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics, dropout and drop-path on.
-            return_features: also return ``{'stem', 'stage1'..'stage4', 'pre_logits'}``.
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.norm not in ('batch', 'group'):
-            raise ValueError(f"ResNet norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.stem not in ('imagenet', 'cifar'):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+    def check_fields(self) -> None:
+        super().check_fields()
         if len(self.widths) != len(self.stage_sizes):
-            raise ValueError('widths and stage_sizes need one entry per stage')
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        block_cls = _BLOCKS[self.block]
-        if self.attn_layer is not None and self.attn_layer not in ATTN_LAYERS:
-            raise ValueError(f'attn_layer must be None or one of {sorted(ATTN_LAYERS)}, got {self.attn_layer!r}')
-        attn = ATTN_LAYERS[self.attn_layer](self.dtype) if self.attn_layer else None
-        features = {}
+            raise self.invalid('widths', f'one entry per stage ({len(self.stage_sizes)})')
 
-        x = x.astype(self.dtype)
-        if self.stem == 'imagenet':
-            x = conv(self.stem_width, 7, 2, name='conv1')(x)
-        else:
-            x = conv(self.stem_width, 3, 1, name='conv1')(x)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv, norm = self.make_conv(), self.make_norm(train)
+        attn = ATTN_LAYERS[self.attn_layer](self.dtype) if self.attn_layer else None
+        imagenet = self.stem == 'imagenet'
+        x = conv(self.stem_width, 7 if imagenet else 3, 2 if imagenet else 1, name='conv1')(x)
         x = nn.relu(norm(name='bn1')(x))
-        if self.stem == 'imagenet':
+        if imagenet:
             x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.get_padding(self.padding, 3, 2))
         features['stem'] = x
 
-        n_blocks = sum(self.stage_sizes)
-        index = 0
-        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-            for b in range(size):
-                x = block_cls(
-                    features=width,
-                    strides=2 if stage > 0 and b == 0 else 1,
-                    conv=conv,
-                    norm=norm,
-                    drop_path_rate=self.drop_path_rate * index / max(n_blocks - 1, 1),
-                    zero_init_last=self.zero_init_last,
-                    groups=self.groups,
-                    base_width=self.base_width,
-                    attn=attn,
-                    name=f'layer{stage + 1}_{b}',
-                )(x, train)
-                index += 1
-            features[f'stage{stage + 1}'] = x
-
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = layers.classifier_head(
-                x, self.num_classes, drop_rate=self.drop_rate, train=train, dtype=self.dtype,
-                name='fc',
-            )
-        return (x, features) if return_features else x
+        block = functools.partial(
+            _BLOCKS[self.block], conv=conv, norm=norm, zero_init_last=self.zero_init_last,
+            groups=self.groups, base_width=self.base_width, attn=attn,
+        )
+        return self.residual_stages(
+            x, train, features, self.stage_sizes,
+            lambda s, b, rate: block(
+                self.widths[s], 2 if s > 0 and b == 0 else 1, drop_path_rate=rate, name=f'layer{s + 1}_{b}'
+            ),
+        )
 
 
 # torchvision (and timm ResNet) state-dict names <-> ours. Norm layers keep torchvision's
 # 'bn' names for GroupNorm too, so GN variants map the same way. timm's SE ResNets add
 # 'layerS.B.se.fc1/fc2' (biased 1x1 convs).
+# The rows of a block (also the legacy SENet's, models/senet.py).
+BLOCK_RULES: tuple[NameRule, ...] = (
+    *within('layer{s}.{b}', 'layer{s}_{b}', 'conv', 'conv{i}'),
+    *within('layer{s}.{b}', 'layer{s}_{b}', 'norm', 'bn{i}'),
+    NameRule('layer{s}.{b}.downsample.0', 'layer{s}_{b}/downsample_conv', 'conv'),
+    NameRule('layer{s}.{b}.downsample.1', 'layer{s}_{b}/downsample_bn', 'norm'),
+)
 register_name_map(
     'resnet',
     (
-        NameRule('conv1', 'conv1', 'conv'),
-        NameRule('bn1', 'bn1', 'norm'),
-        NameRule('layer{s}.{b}.conv{i}', 'layer{s}_{b}/conv{i}', 'conv'),
-        NameRule('layer{s}.{b}.bn{i}', 'layer{s}_{b}/bn{i}', 'norm'),
-        NameRule('layer{s}.{b}.downsample.0', 'layer{s}_{b}/downsample_conv', 'conv'),
-        NameRule('layer{s}.{b}.downsample.1', 'layer{s}_{b}/downsample_bn', 'norm'),
+        *flat('conv', 'conv1'),
+        *flat('norm', 'bn1'),
+        *BLOCK_RULES,
         NameRule('layer{s}.{b}.se.fc{i}', 'layer{s}_{b}/se/fc{i}', 'conv'),
-        NameRule('fc', 'fc', 'linear'),
+        *flat('linear', 'fc'),
     ),
 )
 
 
-def _resnet(depth: int, **kwargs) -> ResNet:
+def _depth(depth: int, **fields) -> dict[str, Any]:
     block, stage_sizes = RESNET_DEPTHS[depth]
-    return ResNet(**{'stage_sizes': stage_sizes, 'block': block, **kwargs})
+    return {'stage_sizes': stage_sizes, 'block': block, **fields}
 
 
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256, centre crop).
-@register_model(top1=69.758, paper=_PAPER)
-def resnet18(**kwargs) -> ResNet:
-    """ResNet-18, 11,689,512 parameters."""
-    return _resnet(18, **kwargs)
+_SE = dict(interpolation='bicubic', paper=_PAPER_SE)
 
+# Registered name -> (ResNet fields, ModelCfg fields); parameter counts in the README table.
+# ResNet, Wide ResNet and ResNeXt are torchvision's models, top1 of its IMAGENET1K_V1 weights
+# (224 px, resize 256 bilinear; ResNeXt-101 64x4d has only V1 weights, evaluated at resize
+# 232). SE variants are timm's resnet.py models with timm's default pretrained cfg (224 px,
+# bicubic; crop 0.95 for seresnet50.a1_in1k, 0.875 otherwise); timm ships no accuracy with
+# its cfgs, so top1 is the paper's single 224-crop figure (100 - top-1 error of Hu et al.
+# 2018, Table 2).
+RESNET_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    'resnet18': (_depth(18), dict(top1=69.758, paper=_PAPER)),
+    'resnet34': (_depth(34), dict(top1=73.314, paper=_PAPER)),
+    'resnet50': (_depth(50), dict(top1=76.130, paper=_PAPER)),
+    'resnet101': (_depth(101), dict(top1=77.374, paper=_PAPER)),
+    'resnet152': (_depth(152), dict(top1=78.312, paper=_PAPER)),
+    # One basic block per stage, widths 16-128, CIFAR stem: a seconds-to-compile test model.
+    'resnet_tiny': (
+        dict(stage_sizes=(1, 1, 1, 1), block='basic', widths=(16, 32, 64, 128), stem_width=16, stem='cifar'),
+        dict(input_size=(32, 32, 3), num_classes=10, crop_pct=1.0, paper=_PAPER),
+    ),
+    'wide_resnet50_2': (_depth(50, base_width=128), dict(top1=78.468, paper=_PAPER_WIDE)),
+    'wide_resnet101_2': (_depth(101, base_width=128), dict(top1=78.848, paper=_PAPER_WIDE)),
+    'resnext50_32x4d': (_depth(50, groups=32, base_width=4), dict(top1=77.618, paper=_PAPER_RESNEXT)),
+    'resnext101_32x8d': (_depth(101, groups=32, base_width=8), dict(top1=79.312, paper=_PAPER_RESNEXT)),
+    'resnext101_64x4d': (
+        _depth(101, groups=64, base_width=4), dict(top1=83.246, crop_pct=224 / 232, paper=_PAPER_RESNEXT)
+    ),
+    'seresnet50': (_depth(50, attn_layer='se'), dict(top1=76.71, crop_pct=0.95, **_SE)),
+    'seresnet101': (_depth(101, attn_layer='se'), dict(top1=77.62, **_SE)),
+    'seresnet152': (_depth(152, attn_layer='se'), dict(top1=78.43, **_SE)),
+    'seresnext50_32x4d': (_depth(50, groups=32, base_width=4, attn_layer='se'), dict(top1=78.90, **_SE)),
+}
 
-@register_model(top1=73.314, paper=_PAPER)
-def resnet34(**kwargs) -> ResNet:
-    """ResNet-34, 21,797,672 parameters."""
-    return _resnet(34, **kwargs)
-
-
-@register_model(top1=76.130, paper=_PAPER)
-def resnet50(**kwargs) -> ResNet:
-    """ResNet-50, 25,557,032 parameters."""
-    return _resnet(50, **kwargs)
-
-
-@register_model(top1=77.374, paper=_PAPER)
-def resnet101(**kwargs) -> ResNet:
-    """ResNet-101, 44,549,160 parameters."""
-    return _resnet(101, **kwargs)
-
-
-@register_model(top1=78.312, paper=_PAPER)
-def resnet152(**kwargs) -> ResNet:
-    """ResNet-152, 60,192,808 parameters."""
-    return _resnet(152, **kwargs)
-
-
-@register_model(input_size=(32, 32, 3), num_classes=10, crop_pct=1.0, paper=_PAPER)
-def resnet_tiny(**kwargs) -> ResNet:
-    """One basic block per stage, widths 16-128, CIFAR stem: a seconds-to-compile test model."""
-    return ResNet(
-        **{
-            'stage_sizes': (1, 1, 1, 1),
-            'block': 'basic',
-            'widths': (16, 32, 64, 128),
-            'stem_width': 16,
-            'stem': 'cifar',
-            **kwargs,
-        }
-    )
-
-
-# Wide ResNet and ResNeXt: torchvision's models; top1 of its IMAGENET1K_V1 weights (224 px,
-# resize 256 bilinear; ResNeXt-101 64x4d has only V1 weights, evaluated at resize 232).
-@register_model(top1=78.468, paper=_PAPER_WIDE)
-def wide_resnet50_2(**kwargs) -> ResNet:
-    """Wide ResNet-50-2: bottleneck widths doubled, 68,883,240 parameters."""
-    return _resnet(50, **{'base_width': 128, **kwargs})
-
-
-@register_model(top1=78.848, paper=_PAPER_WIDE)
-def wide_resnet101_2(**kwargs) -> ResNet:
-    """Wide ResNet-101-2: bottleneck widths doubled, 126,886,696 parameters."""
-    return _resnet(101, **{'base_width': 128, **kwargs})
-
-
-@register_model(top1=77.618, paper=_PAPER_RESNEXT)
-def resnext50_32x4d(**kwargs) -> ResNet:
-    """ResNeXt-50 (32x4d), Xie et al. 2017 Table 1; 25,028,904 parameters."""
-    return _resnet(50, **{'groups': 32, 'base_width': 4, **kwargs})
-
-
-@register_model(top1=79.312, paper=_PAPER_RESNEXT)
-def resnext101_32x8d(**kwargs) -> ResNet:
-    """ResNeXt-101 (32x8d), 88,791,336 parameters."""
-    return _resnet(101, **{'groups': 32, 'base_width': 8, **kwargs})
-
-
-@register_model(top1=83.246, crop_pct=224 / 232, paper=_PAPER_RESNEXT)
-def resnext101_64x4d(**kwargs) -> ResNet:
-    """ResNeXt-101 (64x4d), Xie et al. 2017 Table 5; 83,455,272 parameters."""
-    return _resnet(101, **{'groups': 64, 'base_width': 4, **kwargs})
-
-
-# SE variants: timm's resnet.py models. Data settings are timm's default pretrained cfg
-# (224 px, bicubic; crop 0.95 for seresnet50.a1_in1k, 0.875 otherwise). timm ships no
-# accuracy with its cfgs, so top1 is the paper's single 224-crop figure (100 - top-1 error
-# of Hu et al. 2018, Table 2).
-@register_model(top1=76.71, crop_pct=0.95, interpolation='bicubic', paper=_PAPER_SE)
-def seresnet50(**kwargs) -> ResNet:
-    """SE-ResNet-50, 28,088,024 parameters (timm)."""
-    return _resnet(50, **{'attn_layer': 'se', **kwargs})
-
-
-@register_model(top1=77.62, interpolation='bicubic', paper=_PAPER_SE)
-def seresnet101(**kwargs) -> ResNet:
-    """SE-ResNet-101, 49,326,872 parameters (timm)."""
-    return _resnet(101, **{'attn_layer': 'se', **kwargs})
-
-
-@register_model(top1=78.43, interpolation='bicubic', paper=_PAPER_SE)
-def seresnet152(**kwargs) -> ResNet:
-    """SE-ResNet-152, 66,821,848 parameters (timm)."""
-    return _resnet(152, **{'attn_layer': 'se', **kwargs})
-
-
-@register_model(top1=78.90, interpolation='bicubic', paper=_PAPER_SE)
-def seresnext50_32x4d(**kwargs) -> ResNet:
-    """SE-ResNeXt-50 (32x4d), 27,559,896 parameters (timm)."""
-    return _resnet(50, **{'groups': 32, 'base_width': 4, 'attn_layer': 'se', **kwargs})
+for _name, (_fields, _cfg) in RESNET_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(ResNet, **_fields))

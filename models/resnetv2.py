@@ -31,16 +31,21 @@ head weight normal(0.01) and bias 0; ``zero_init_last`` zeroes each branch's las
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import layers
-from models.convert import LeafSpec, NameRule, register_leaf_kind, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import LeafSpec, flat, register_leaf_kind, register_name_map, within
+
+register_model = functools.partial(
+    registry.register_model, family='resnetv2', classifier='head_fc', first_conv='stem_conv'
+)
 
 _PAPER_V2 = 'He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016'
 _PAPER_BIT = (
@@ -60,12 +65,7 @@ RESNETV2_DEPTHS: dict[int, tuple[int, ...]] = {
 STEM_TYPES = ('', 'fixed', 'same')
 
 
-def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name == 'relu':
-        return nn.relu
-    if name == 'silu':
-        return nn.silu
-    raise ValueError(f"activation must be 'relu' or 'silu', got {name!r}")
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {'relu': nn.relu, 'silu': nn.silu}
 
 
 class PreActBottleneck(nn.Module):
@@ -110,8 +110,12 @@ class PreActBottleneck(nn.Module):
         return shortcut + layers.DropPath(self.drop_path_rate)(y, train)
 
 
-class ResNetV2(nn.Module):
+class ResNetV2(layers.ResidualClassifier):
     """Pre-activation ResNet (v2) / BiT in timm's layout.
+
+    Features: ``stem`` (after the pool), ``stage1``..``stage4`` (the raw, pre-norm block
+    outputs), ``pre_logits`` (pooled after the final norm + activation). Shared fields as
+    :class:`layers.ResidualClassifier` (``gn_groups`` 32 in BiT).
 
     Attributes:
         stage_sizes: bottleneck blocks per stage.
@@ -122,20 +126,11 @@ class ResNetV2(nn.Module):
             ``'fixed'`` (BiT: max-pool input zero-padded by 1, then unpadded pool) or
             ``'same'`` (TF ``SAME`` max-pool).
         bottle_ratio: bottleneck width / block output width.
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'`` (32 in BiT).
         norm_eps: norm epsilon (1e-5 for timm's BatchNormAct2d and GroupNormAct).
         bn_momentum: BatchNorm running-average decay (flax 0.9 == torch momentum 0.1).
-        weight_std: weight-standardised convs (BiT).
         std_eps: StdConv epsilon; 1e-8 as in timm's BiT models (``_create_resnetv2_bit``).
         activation: ``'relu'`` (all registered models) or ``'silu'``.
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth; block ``i`` of ``n`` uses
-            ``drop_path_rate * i / (n - 1)`` (timm's linear rule).
         zero_init_last: zero-init the last conv of every residual branch.
-        padding: padding mode of the convs (see :func:`layers.get_padding`).
     """
 
     stage_sizes: tuple[int, ...]
@@ -144,51 +139,28 @@ class ResNetV2(nn.Module):
     stem_width: int = 64
     stem_type: str = ''
     bottle_ratio: float = 0.25
-    num_classes: int = 1000
-    norm: str = 'batch'
-    gn_groups: int = 32
     norm_eps: float = 1e-5
     bn_momentum: float = 0.9
-    weight_std: bool = False
     std_eps: float = 1e-8
     activation: str = 'relu'
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
     zero_init_last: bool = False
-    padding: str = 'symmetric'
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    HEAD = 'head_fc'
+    # timm's head is a 1x1 conv on the pooled map (identical to a Dense layer): N(0, 0.01), 0.
+    HEAD_INIT = (nn.initializers.normal(0.01), nn.initializers.zeros)
+    CHOICES = {'stem_type': STEM_TYPES, 'activation': tuple(ACTIVATIONS)}
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics, dropout and drop-path on.
-            return_features: also return ``{'stem', 'stage1'..'stage4', 'pre_logits'}``;
-                stage maps are the raw (pre-norm) block outputs, ``pre_logits`` the pooled
-                features after the final norm + activation.
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.norm not in ('batch', 'group'):
-            raise ValueError(f"ResNetV2 norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.stem_type not in STEM_TYPES:
-            raise ValueError(f'stem_type must be one of {STEM_TYPES}, got {self.stem_type!r}')
+    def check_fields(self) -> None:
+        super().check_fields()
         if len(self.widths) != len(self.stage_sizes):
-            raise ValueError('widths and stage_sizes need one entry per stage')
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, eps=self.std_eps)
-        norm = layers.norm_factory(
-            self.norm, train, self.dtype, groups=self.gn_groups, momentum=self.bn_momentum,
-            epsilon=self.norm_eps,
-        )
-        act = _activation(self.activation)
-        wf = self.width_factor
-        features = {}
+            raise self.invalid('widths', f'one entry per stage ({len(self.stage_sizes)})')
 
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(eps=self.std_eps)
+        norm = self.make_norm(train, momentum=self.bn_momentum, epsilon=self.norm_eps)
+        act = ACTIVATIONS[self.activation]
+        wf = self.width_factor
+
         # Pre-activation: the stem has no norm; the first block's norm1 normalises it.
         x = conv(self.stem_width * wf, 7, 2, name='stem_conv')(x)
         if self.stem_type == 'fixed':
@@ -202,42 +174,15 @@ class ResNetV2(nn.Module):
             x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.get_padding('symmetric', 3, 2))
         features['stem'] = x
 
-        n_blocks = sum(self.stage_sizes)
-        index = 0
-        for stage, (size, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
-            out = width * wf
-            for b in range(size):
-                x = PreActBottleneck(
-                    features=out,
-                    mid_features=int(out * self.bottle_ratio),
-                    strides=2 if stage > 0 and b == 0 else 1,
-                    project=b == 0,
-                    conv=conv,
-                    norm=norm,
-                    act=act,
-                    drop_path_rate=self.drop_path_rate * index / max(n_blocks - 1, 1),
-                    zero_init_last=self.zero_init_last,
-                    name=f'stages_{stage}_{b}',
-                )(x, train)
-                index += 1
-            features[f'stage{stage + 1}'] = x
+        def block(s: int, b: int, rate: float) -> PreActBottleneck:
+            out = self.widths[s] * wf
+            return PreActBottleneck(
+                out, int(out * self.bottle_ratio), 2 if s > 0 and b == 0 else 1, b == 0, conv, norm, act,
+                drop_path_rate=rate, zero_init_last=self.zero_init_last, name=f'stages_{s}_{b}',
+            )
 
-        x = act(norm(name='norm')(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            # timm's head is a 1x1 conv on the pooled map: identical to a Dense layer.
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.initializers.normal(0.01),
-                bias_init=nn.initializers.zeros,
-                name='head_fc',
-            )(x)
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        x = self.residual_stages(x, train, features, self.stage_sizes, block)
+        return act(norm(name='norm')(x))
 
 
 def _conv1x1_to_dense(w: np.ndarray) -> np.ndarray:
@@ -262,111 +207,52 @@ register_leaf_kind(
 register_name_map(
     'resnetv2',
     (
-        NameRule('stem.conv', 'stem_conv', 'conv'),
-        NameRule('stages.{s}.blocks.{b}.norm{i}', 'stages_{s}_{b}/norm{i}', 'norm'),
-        NameRule('stages.{s}.blocks.{b}.conv{i}', 'stages_{s}_{b}/conv{i}', 'conv'),
-        NameRule('stages.{s}.blocks.{b}.downsample.conv', 'stages_{s}_{b}/downsample_conv', 'conv'),
-        NameRule('norm', 'norm', 'norm'),
-        NameRule('head.fc', 'head_fc', 'conv1x1_dense'),
+        *flat('conv', 'stem.conv'),
+        *within('stages.{s}.blocks.{b}', 'stages_{s}_{b}', 'norm', 'norm{i}'),
+        *within('stages.{s}.blocks.{b}', 'stages_{s}_{b}', 'conv', 'conv{i}', 'downsample.conv'),
+        *flat('norm', 'norm'),
+        *flat('conv1x1_dense', 'head.fc'),
     ),
 )
 
 
-def _resnetv2(depth: int, **kwargs) -> ResNetV2:
-    return ResNetV2(**{'stage_sizes': RESNETV2_DEPTHS[depth], **kwargs})
+def _v2(depth: int) -> dict[str, Any]:
+    return {'stage_sizes': RESNETV2_DEPTHS[depth]}
 
 
-def _bit(depth: int, width_factor: int, **kwargs) -> ResNetV2:
+def _bit(depth: int, width_factor: int) -> dict[str, Any]:
     """BiT defaults of timm ``_create_resnetv2_bit``: GN(32) + StdConv(eps 1e-8), fixed stem."""
-    return _resnetv2(
-        depth,
-        **{
-            'width_factor': width_factor,
-            'stem_type': 'fixed',
-            'norm': 'group',
-            'weight_std': True,
-            'std_eps': 1e-8,
-            **kwargs,
-        },
+    return dict(
+        stage_sizes=RESNETV2_DEPTHS[depth], width_factor=width_factor, stem_type='fixed',
+        norm='group', weight_std=True, std_eps=1e-8,
     )
 
 
 # Default cfgs are those of timm's default pretrained tag for each name; top1 is timm's
 # results-imagenet.csv for that tag (for resnetv2_50/101 'a1h_in1k' it is measured at the
-# 288 px test size). resnetv2_152 has only an 'untrained' cfg in timm.
-_V2 = dict(mean=_INCEPTION_MEAN, std=_INCEPTION_STD, interpolation='bicubic')
-_BIT_448 = dict(
-    mean=_INCEPTION_MEAN,
-    std=_INCEPTION_STD,
-    input_size=(448, 448, 3),
-    crop_pct=1.0,
-    paper=_PAPER_BIT,
-)
+# 288 px test size). resnetv2_152 has only an 'untrained' cfg in timm. BiT R50x1 is
+# 'goog_distilled_in1k' (Beyer et al. 2022, "Knowledge distillation: A good teacher is
+# patient and consistent": R152x2 teacher -> R50x1 student, 224 px), R152x2 the teacher
+# 'goog_teacher_in21k_ft_in1k' (224 px); the others are fine-tuned at 448 / 480 px.
+_INCEPTION = dict(mean=_INCEPTION_MEAN, std=_INCEPTION_STD, interpolation='bicubic')
+_V2_CFG = dict(paper=_PAPER_V2, **_INCEPTION)
+_BIT_CFG = dict(paper=_PAPER_BIT, **_INCEPTION)
+# timm's 448 / 480 px BiT cfgs keep bilinear resizing.
+_BIT_448 = dict(input_size=(448, 448, 3), crop_pct=1.0, mean=_INCEPTION_MEAN, std=_INCEPTION_STD, paper=_PAPER_BIT)
 
+# Registered name -> (ResNetV2 fields, ModelCfg fields); parameter counts in the README table.
+RESNETV2_MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    'resnetv2_50': (_v2(50), dict(crop_pct=0.95, top1=81.398, **_V2_CFG)),
+    'resnetv2_101': (_v2(101), dict(crop_pct=0.95, top1=83.002, **_V2_CFG)),
+    'resnetv2_152': (_v2(152), dict(crop_pct=0.875, **_V2_CFG)),
+    'resnetv2_50x1_bit': (_bit(50, 1), dict(top1=82.820, **_BIT_CFG)),
+    'resnetv2_50x3_bit': (_bit(50, 3), dict(top1=84.020, **_BIT_448)),
+    'resnetv2_101x1_bit': (_bit(101, 1), dict(top1=82.342, **_BIT_448)),
+    'resnetv2_101x3_bit': (_bit(101, 3), dict(top1=84.438, **_BIT_448)),
+    'resnetv2_152x2_bit': (_bit(152, 2), dict(top1=82.876, **_BIT_CFG)),
+    # 936M parameters: build it abstractly (jax.eval_shape) where nothing needs computing.
+    'resnetv2_152x4_bit': (_bit(152, 4), dict(top1=84.916, **{**_BIT_448, 'input_size': (480, 480, 3)})),
+}
 
-@register_model(crop_pct=0.95, top1=81.398, paper=_PAPER_V2, **_V2)
-def resnetv2_50(**kwargs) -> ResNetV2:
-    """Pre-activation ResNet-50 with BatchNorm, 25,549,352 parameters."""
-    return _resnetv2(50, **kwargs)
-
-
-@register_model(crop_pct=0.95, top1=83.002, paper=_PAPER_V2, **_V2)
-def resnetv2_101(**kwargs) -> ResNetV2:
-    """Pre-activation ResNet-101 with BatchNorm, 44,541,480 parameters."""
-    return _resnetv2(101, **kwargs)
-
-
-@register_model(crop_pct=0.875, paper=_PAPER_V2, **_V2)
-def resnetv2_152(**kwargs) -> ResNetV2:
-    """Pre-activation ResNet-152 with BatchNorm, 60,185,128 parameters (no timm weights)."""
-    return _resnetv2(152, **kwargs)
-
-
-# 'goog_distilled_in1k': Beyer et al. 2022, "Knowledge distillation: A good teacher is
-# patient and consistent" (R152x2 teacher -> R50x1 student), 224 px.
-@register_model(
-    mean=_INCEPTION_MEAN, std=_INCEPTION_STD, interpolation='bicubic', top1=82.820, paper=_PAPER_BIT
-)
-def resnetv2_50x1_bit(**kwargs) -> ResNetV2:
-    """BiT-R50x1, 25,549,352 parameters."""
-    return _bit(50, 1, **kwargs)
-
-
-@register_model(top1=84.020, **_BIT_448)
-def resnetv2_50x3_bit(**kwargs) -> ResNetV2:
-    """BiT-R50x3, 217,319,080 parameters."""
-    return _bit(50, 3, **kwargs)
-
-
-@register_model(top1=82.342, **_BIT_448)
-def resnetv2_101x1_bit(**kwargs) -> ResNetV2:
-    """BiT-R101x1, 44,541,480 parameters."""
-    return _bit(101, 1, **kwargs)
-
-
-@register_model(top1=84.438, **_BIT_448)
-def resnetv2_101x3_bit(**kwargs) -> ResNetV2:
-    """BiT-R101x3, 387,934,888 parameters."""
-    return _bit(101, 3, **kwargs)
-
-
-# 'goog_teacher_in21k_ft_in1k': the distillation teacher, 224 px.
-@register_model(
-    mean=_INCEPTION_MEAN, std=_INCEPTION_STD, interpolation='bicubic', top1=82.876, paper=_PAPER_BIT
-)
-def resnetv2_152x2_bit(**kwargs) -> ResNetV2:
-    """BiT-R152x2, 236,335,208 parameters."""
-    return _bit(152, 2, **kwargs)
-
-
-@register_model(
-    mean=_INCEPTION_MEAN,
-    std=_INCEPTION_STD,
-    input_size=(480, 480, 3),
-    crop_pct=1.0,
-    top1=84.916,
-    paper=_PAPER_BIT,
-)
-def resnetv2_152x4_bit(**kwargs) -> ResNetV2:
-    """BiT-R152x4, 936,533,224 parameters (build abstractly with ``jax.eval_shape``)."""
-    return _bit(152, 4, **kwargs)
+for _name, (_fields, _cfg) in RESNETV2_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(ResNetV2, **_fields))

@@ -39,15 +39,20 @@ Feature maps (``return_features=True``): ``stem`` (after the max-pool, stride 4)
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map
+
+register_model = functools.partial(
+    registry.register_model, family="shufflenet", classifier="fc", first_conv="conv1_conv"
+)
 
 _PAPER_V2 = (
     'Ma, Zhang, Zheng, Sun, "ShuffleNet V2: Practical Guidelines for Efficient CNN '
@@ -95,15 +100,6 @@ def _stem(conv, norm, x: jax.Array, features: int, padding: str) -> jax.Array:
     return nn.max_pool(x, (3, 3), (2, 2), padding=layers.get_padding(padding, 3, 2))
 
 
-def _head(model: nn.Module, x: jax.Array, train: bool) -> jax.Array:
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if not model.num_classes:
-        return pooled
-    return layers.classifier_head(
-        pooled, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name="fc"
-    )
-
-
 class InvertedResidual(nn.Module):
     """A ShuffleNet v2 unit (Ma et al. 2018, Fig. 3(c) stride 1, (d) stride 2).
 
@@ -140,55 +136,30 @@ class InvertedResidual(nn.Module):
         return channel_shuffle(jnp.concatenate([left, y], axis=-1), 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(layers.ImageClassifier):
     """ShuffleNet v2 (Ma et al. 2018, Table 5), torchvision layout.
+
+    Shared fields as :class:`layers.ImageClassifier` (units concatenate instead of adding a
+    residual, so no drop path); ``padding`` covers the convs and the stem pool.
 
     Attributes:
         widths: (stem, stage 2, 3, 4, final conv) channels, a row of :data:`V2_WIDTHS`.
         stage_repeats: units per stage.
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        padding: padding mode of the convs and the stem pool (see
-            :func:`layers.get_padding`).
     """
 
     widths: tuple[int, int, int, int, int] = V2_WIDTHS["x1_0"]
     stage_repeats: tuple[int, ...] = STAGE_REPEATS
-    num_classes: int = 1000
-    norm: str = "batch"
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    padding: str = "symmetric"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
-        x = _stem(conv, norm, x.astype(self.dtype), self.widths[0], self.padding)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
+        norm = self.make_norm(train)
+        x = _stem(conv, norm, x, self.widths[0], self.padding)
         features["stem"] = x
-        for s, (repeats, width) in enumerate(
-            zip(self.stage_repeats, self.widths[1:4], strict=True)
-        ):
+        for s, (repeats, width) in enumerate(zip(self.stage_repeats, self.widths[1:4], strict=True)):
             for b in range(repeats):
-                x = InvertedResidual(
-                    width, 2 if b == 0 else 1, conv, norm, name=f"stage{s + 2}_{b}"
-                )(x)
+                x = InvertedResidual(width, 2 if b == 0 else 1, conv, norm, name=f"stage{s + 2}_{b}")(x)
             features[f"stage{s + 1}"] = x
-        x = nn.relu(norm(name="conv5_bn")(conv(self.widths[4], 1, name="conv5_conv")(x)))
-        features["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = _head(self, x, train)
-        return (x, features) if return_features else x
+        return nn.relu(norm(name="conv5_bn")(conv(self.widths[4], 1, name="conv5_conv")(x)))
 
 
 class ShuffleUnit(nn.Module):
@@ -243,71 +214,39 @@ class ShuffleUnit(nn.Module):
         return nn.relu(x + layers.DropPath(self.drop_path_rate)(y, train))
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(layers.ResidualClassifier):
     """ShuffleNet v1 at 1.0x (Zhang et al. 2018, Table 1).
+
+    Shared fields as :class:`layers.ResidualClassifier` (drop path on the stride-1 units,
+    linear over all units); ``padding`` covers the convs and pools, ``'tf_same'`` keeping
+    the shortcut pool's counting of padded zeros.
 
     Attributes:
         groups: groups g of the 1x1 convs (a key of :data:`V1_WIDTHS`).
         stem_width: Conv1 channels (24).
         stage_repeats: units per stage.
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth of the stride-1 units (linear over all units).
-        padding: padding mode of the convs and pools (see :func:`layers.get_padding`);
-            ``'tf_same'`` keeps the shortcut pool's counting of padded zeros.
     """
 
     groups: int = 3
     stem_width: int = 24
     stage_repeats: tuple[int, ...] = STAGE_REPEATS
-    num_classes: int = 1000
-    norm: str = "batch"
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = "symmetric"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        if self.groups not in V1_WIDTHS:
-            raise ValueError(f"groups must be one of {sorted(V1_WIDTHS)}, got {self.groups}")
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
-        x = _stem(conv, norm, x.astype(self.dtype), self.stem_width, self.padding)
+    CHOICES = {"groups": tuple(V1_WIDTHS)}
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
+        norm = self.make_norm(train)
+        x = _stem(conv, norm, x, self.stem_width, self.padding)
         features["stem"] = x
-        n = sum(self.stage_repeats)
-        index = 0
-        for s, (repeats, width) in enumerate(
-            zip(self.stage_repeats, V1_WIDTHS[self.groups], strict=True)
-        ):
-            for b in range(repeats):
-                x = ShuffleUnit(
-                    features=width,
-                    strides=2 if b == 0 else 1,
-                    groups=self.groups,
-                    group_first=not (s == 0 and b == 0),
-                    conv=conv,
-                    norm=norm,
-                    drop_path_rate=self.drop_path_rate * index / max(n - 1, 1),
-                    padding=self.padding,
-                    name=f"stage{s + 2}_{b}",
-                )(x, train)
-                index += 1
-            features[f"stage{s + 1}"] = x
-        features["pre_logits"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = _head(self, x, train)
-        return (x, features) if return_features else x
+
+        def unit(s: int, b: int, rate: float) -> ShuffleUnit:
+            return ShuffleUnit(
+                V1_WIDTHS[self.groups][s], 2 if b == 0 else 1, self.groups, not (s == 0 and b == 0), conv, norm,
+                rate, self.padding, name=f"stage{s + 2}_{b}",
+            )
+
+        x = self.residual_stages(x, train, features, self.stage_repeats, unit)
+        return x
 
 
 # (branch, index in torchvision's Sequential, kind) of every layer with weights.
@@ -337,71 +276,31 @@ register_name_map(
         ),
         NameRule("conv5.0", "conv5_conv", "conv"),
         NameRule("conv5.1", "conv5_bn", "norm"),
-        NameRule("fc", "fc", "linear"),
+        *flat("linear", "fc"),
     ),
 )
 
 
-def _v2(width: str, **kwargs) -> ShuffleNetV2:
-    return ShuffleNetV2(**{"widths": V2_WIDTHS[width], **kwargs})
+# Registered name -> (module, fields, ModelCfg fields); parameter counts in the README
+# table. ShuffleNet v2: top1 of torchvision's IMAGENET1K_V1 weights (224 px; x1_5 / x2_0
+# evaluated after a 232 px resize, hence their crop_pct). ShuffleNet v1: no reference
+# weights in timm/torchvision, so top1 is unset; multiply-adds at 224 px (ours / Table 1):
+# g1 143.1M / 143, g2 140.8M / 140, g3 137.5M / 137, g4 134.3M / 133, g8 138.4M / 137.
+SHUFFLENET_MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
+    "shufflenet_v2_x0_5": (ShuffleNetV2, dict(widths=V2_WIDTHS["x0_5"]), dict(top1=60.552, paper=_PAPER_V2)),
+    "shufflenet_v2_x1_0": (ShuffleNetV2, dict(widths=V2_WIDTHS["x1_0"]), dict(top1=69.362, paper=_PAPER_V2)),
+    "shufflenet_v2_x1_5": (
+        ShuffleNetV2, dict(widths=V2_WIDTHS["x1_5"]), dict(top1=72.996, crop_pct=224 / 232, paper=_PAPER_V2)
+    ),
+    "shufflenet_v2_x2_0": (
+        ShuffleNetV2, dict(widths=V2_WIDTHS["x2_0"]), dict(top1=76.230, crop_pct=224 / 232, paper=_PAPER_V2)
+    ),
+    "shufflenet_v1_g1": (ShuffleNetV1, dict(groups=1), dict(paper=_PAPER_V1)),
+    "shufflenet_v1_g2": (ShuffleNetV1, dict(groups=2), dict(paper=_PAPER_V1)),
+    "shufflenet_v1_g3": (ShuffleNetV1, dict(groups=3), dict(paper=_PAPER_V1)),
+    "shufflenet_v1_g4": (ShuffleNetV1, dict(groups=4), dict(paper=_PAPER_V1)),
+    "shufflenet_v1_g8": (ShuffleNetV1, dict(groups=8), dict(paper=_PAPER_V1)),
+}
 
-
-# top1: torchvision's IMAGENET1K_V1 weights (224 px; x1_5 / x2_0 evaluated after a 232 px
-# resize, hence their crop_pct).
-@register_model(top1=60.552, paper=_PAPER_V2)
-def shufflenet_v2_x0_5(**kwargs) -> ShuffleNetV2:
-    """ShuffleNet v2 0.5x, 1,366,792 parameters."""
-    return _v2("x0_5", **kwargs)
-
-
-@register_model(top1=69.362, paper=_PAPER_V2)
-def shufflenet_v2_x1_0(**kwargs) -> ShuffleNetV2:
-    """ShuffleNet v2 1.0x, 2,278,604 parameters."""
-    return _v2("x1_0", **kwargs)
-
-
-@register_model(top1=72.996, crop_pct=224 / 232, paper=_PAPER_V2)
-def shufflenet_v2_x1_5(**kwargs) -> ShuffleNetV2:
-    """ShuffleNet v2 1.5x, 3,503,624 parameters."""
-    return _v2("x1_5", **kwargs)
-
-
-@register_model(top1=76.230, crop_pct=224 / 232, paper=_PAPER_V2)
-def shufflenet_v2_x2_0(**kwargs) -> ShuffleNetV2:
-    """ShuffleNet v2 2.0x, 7,393,996 parameters."""
-    return _v2("x2_0", **kwargs)
-
-
-# ShuffleNet v1: no reference weights in timm/torchvision, so top1 is left unset.
-def _v1(groups: int, **kwargs) -> ShuffleNetV1:
-    return ShuffleNetV1(**{"groups": groups, **kwargs})
-
-
-@register_model(paper=_PAPER_V1)
-def shufflenet_v1_g1(**kwargs) -> ShuffleNetV1:
-    """ShuffleNet 1x, g = 1 (Table 1: 143 MFLOPs): 1,531,936 parameters, 143.1M multiply-adds at 224 px."""
-    return _v1(1, **kwargs)
-
-
-@register_model(paper=_PAPER_V1)
-def shufflenet_v1_g2(**kwargs) -> ShuffleNetV1:
-    """ShuffleNet 1x, g = 2 (Table 1: 140 MFLOPs): 1,733,848 parameters, 140.8M multiply-adds at 224 px."""
-    return _v1(2, **kwargs)
-
-
-@register_model(paper=_PAPER_V1)
-def shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
-    """ShuffleNet 1x, g = 3 (Table 1: 137 MFLOPs): 1,865,728 parameters, 137.5M multiply-adds at 224 px."""
-    return _v1(3, **kwargs)
-
-
-@register_model(paper=_PAPER_V1)
-def shufflenet_v1_g4(**kwargs) -> ShuffleNetV1:
-    """ShuffleNet 1x, g = 4 (Table 1: 133 MFLOPs): 1,968,344 parameters, 134.3M multiply-adds at 224 px."""
-    return _v1(4, **kwargs)
-
-
-@register_model(paper=_PAPER_V1)
-def shufflenet_v1_g8(**kwargs) -> ShuffleNetV1:
-    """ShuffleNet 1x, g = 8 (Table 1: 137 MFLOPs): 2,434,768 parameters, 138.4M multiply-adds at 224 px."""
-    return _v1(8, **kwargs)
+for _name, (_module, _fields, _cfg) in SHUFFLENET_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(_module, **_fields))

@@ -16,6 +16,7 @@ residual branches, so there is no ``drop_path_rate``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -23,9 +24,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import flat, register_name_map, within
+
+register_model = functools.partial(
+    registry.register_model, family='squeezenet', classifier='classifier_1', first_conv='features_0'
+)
 
 _PAPER = (
     'Iandola et al., "SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and '
@@ -97,54 +101,35 @@ class Fire(nn.Module):
         )
 
 
-class SqueezeNet(nn.Module):
+class SqueezeNet(layers.ImageClassifier):
     """SqueezeNet (torchvision layout; our module names mirror ``features.K``).
+
+    Features: ``stem``, ``stage1``..``stage3``, ``pre_logits`` (the pooled last Fire, what
+    ``num_classes=0`` returns). Shared fields as :class:`layers.ImageClassifier`, with the
+    reference's ``norm='none'`` and ``drop_rate=0.5`` (before the classifier conv);
+    ``weight_std`` covers the classifier conv too. ``padding`` covers the 3x3 expand convs
+    and the max-pools (the stem conv is unpadded in both modes); with ``'tf_same'`` the
+    ceil-mode pools become TF ``SAME`` pools, which agree with them at even sizes and pad
+    one pixel on both sides (one more output) at odd ones.
 
     Attributes:
         version: ``'1_0'`` or ``'1_1'`` (keys of :data:`SQUEEZENET_STAGES`).
-        num_classes: classifier size; 0 returns the pooled features of the last Fire.
-        norm: ``'none'`` (reference), ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (body and classifier conv).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier conv (0.5 in the reference).
-        padding: padding mode of the 3x3 expand convs and the max-pools (see
-            :func:`layers.get_padding`); the stem conv is unpadded in both modes. With
-            ``'tf_same'`` the ceil-mode pools become TF ``SAME`` pools, which agree with them
-            at even sizes and pad one pixel on both sides (one more output) at odd ones.
     """
 
     version: str = '1_0'
-    num_classes: int = 1000
-    norm: str = 'none'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.5
-    padding: str = 'symmetric'
+    norm: str = layers.kw_only('none')
+    drop_rate: float = layers.kw_only(0.5)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    HEAD = 'classifier_1'
+    CHOICES = {'version': tuple(SQUEEZENET_STAGES)}
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics and dropout on.
-            return_features: also return ``{'stem', 'stage1'..'stage3', 'pre_logits'}``.
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
-        if self.version not in SQUEEZENET_STAGES:
-            raise ValueError(f'version must be one of {sorted(SQUEEZENET_STAGES)}, got {self.version!r}')
-        layers.check_model_padding(self.padding, type(self).__name__)
+    def _conv(self):
         # The 3x3 expand convs pad by 1 (torchvision); the 1x1 convs are unpadded in either mode.
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, kernel_init=_torch_conv_init)
-        norm = None if self.norm == 'none' else layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
+        return self.make_conv(kernel_init=_torch_conv_init)
 
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self._conv()
+        norm = None if self.norm == 'none' else self.make_norm(train)
         width, kernel = SQUEEZENET_STEMS[self.version]
         x = conv(width, kernel, 2, padding='valid', use_bias=norm is None, name='features_0')(x)
         if norm is not None:
@@ -163,18 +148,19 @@ class SqueezeNet(nn.Module):
                 x = Fire(squeeze, e1, e3, conv, norm, name=f'features_{index}')(x)
                 index += 1
             features[f'stage{s + 1}'] = x
+        return x
 
+    def forward_head(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        # The classifier is a conv on the map, pooled after its ReLU.
         features['pre_logits'] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if not self.num_classes:
-            x = features['pre_logits']
-            return (x, features) if return_features else x
+            return features['pre_logits']
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
         # torchvision: normal(0, 0.01) for the final conv, bias 0.
-        x = conv(
-            self.num_classes, 1, use_bias=True, kernel_init=nn.initializers.normal(0.01), name='classifier_1'
+        x = self._conv()(
+            self.num_classes, 1, use_bias=True, kernel_init=nn.initializers.normal(0.01), name=self.HEAD
         )(x)
-        x = jnp.mean(nn.relu(x).astype(jnp.float32), axis=(1, 2))
-        return (x, features) if return_features else x
+        return jnp.mean(nn.relu(x).astype(jnp.float32), axis=(1, 2))
 
 
 # torchvision names (features.K.squeeze / .expand1x1 / .expand3x3, classifier.1); the norm
@@ -182,11 +168,9 @@ class SqueezeNet(nn.Module):
 register_name_map(
     'squeezenet',
     (
-        NameRule('features.0', 'features_0', 'conv'),
-        NameRule('features.{i}.squeeze', 'features_{i}/squeeze', 'conv'),
-        NameRule('features.{i}.expand1x1', 'features_{i}/expand1x1', 'conv'),
-        NameRule('features.{i}.expand3x3', 'features_{i}/expand3x3', 'conv'),
-        NameRule('classifier.1', 'classifier_1', 'conv'),
+        *flat('conv', 'features.0'),
+        *within('features.{i}', 'features_{i}', 'conv', 'squeeze', 'expand1x1', 'expand3x3'),
+        *flat('conv', 'classifier.1'),
     ),
 )
 

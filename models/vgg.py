@@ -22,24 +22,27 @@ Weight conversion: torchvision's state dict numbers ``features.{i}`` by position
 ``nn.Sequential`` (conv, [BN,] ReLU, ..., max-pool), so ``features.16.weight`` is a conv
 of vgg11 but a BatchNorm of vgg11_bn, and ``features.4`` a conv of vgg11_bn but a BatchNorm
 of vgg13_bn. No single name map can serve all eight variants, so each variant gets its own
-map, generated from its configuration; the registry finds a model's map by the factory's
-module name, which :func:`_own_name_map` sets to ``models.vgg.<variant>``. torchvision
+map, generated from its configuration and registered under the variant's model name
+(which :mod:`models.convert` prefers over the family's). torchvision
 ``vgg*_bn`` weights load into the ``vgg*_bn`` names (not into ``vgg*`` with
 ``norm='batch'``, which is the same network but uses the plain variant's map).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import layers
+from models import layers, registry
 from models.alexnet import adaptive_avg_pool, flatten_chw
 from models.convert import NameRule, register_name_map
-from models.registry import register_model
+
+register_model = functools.partial(
+    registry.register_model, family='vgg', classifier='fc8', first_conv='conv1_1'
+)
 
 _PAPER = (
     'Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image '
@@ -57,68 +60,50 @@ VGG_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
 POOLED_SIZE = 7
 FC_WIDTH = 4096
 
-# variant -> (configuration, BatchNorm)
-VGG_VARIANTS: dict[str, tuple[str, bool]] = {
-    'vgg11': ('A', False),
-    'vgg13': ('B', False),
-    'vgg16': ('D', False),
-    'vgg19': ('E', False),
-    'vgg11_bn': ('A', True),
-    'vgg13_bn': ('B', True),
-    'vgg16_bn': ('D', True),
-    'vgg19_bn': ('E', True),
+# Registered name -> (configuration, BatchNorm, top1 of torchvision's IMAGENET1K_V1 weights
+# at 224 px, resize 256, centre crop); parameter counts in the README table.
+VGG_VARIANTS: dict[str, tuple[str, bool, float]] = {
+    'vgg11': ('A', False, 69.020),
+    'vgg13': ('B', False, 69.928),
+    'vgg16': ('D', False, 71.592),
+    'vgg19': ('E', False, 72.376),
+    'vgg11_bn': ('A', True, 70.370),
+    'vgg13_bn': ('B', True, 71.586),
+    'vgg16_bn': ('D', True, 73.360),
+    'vgg19_bn': ('E', True, 74.218),
 }
 
 
-class VGG(nn.Module):
+class VGG(layers.ImageClassifier):
     """VGG (torchvision layout).
+
+    Features: ``stem`` (block 1, stride 2) and ``stage1``..``stage4`` (blocks 2-5), each
+    after its max-pool; ``pre_logits`` is the post-ReLU fc7 output (4096 wide, what
+    ``num_classes=0`` returns). Shared fields as :class:`layers.ImageClassifier`, with
+    ``norm='none'`` (plain VGG; ``'batch'`` gives the ``_bn`` variants) and ``drop_rate=0.5``
+    (after fc6 and fc7). Every conv has stride 1, where TF ``SAME`` pads 1 on each side like
+    torch, so ``padding='tf_same'`` computes the same network; the max-pools are unpadded.
 
     Attributes:
         depths: 3x3 convs per block (a :data:`VGG_DEPTHS` row).
         widths: channels per block.
-        num_classes: classifier size; 0 returns the fc7 features.
-        norm: ``'none'`` (plain VGG), ``'batch'`` (the ``_bn`` variants) or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout after fc6 and fc7 (0.5 in the paper and torchvision).
-        padding: padding mode of the 3x3 convs (see :func:`layers.get_padding`); every conv
-            has stride 1, where TF ``SAME`` pads 1 on each side like torch, so
-            ``'tf_same'`` computes the same network as ``'symmetric'``. The max-pools are
-            unpadded in both modes.
     """
 
     depths: tuple[int, ...]
     widths: tuple[int, ...] = VGG_WIDTHS
-    num_classes: int = 1000
-    norm: str = 'none'
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.5
-    padding: str = 'symmetric'
+    norm: str = layers.kw_only('none')
+    drop_rate: float = layers.kw_only(0.5)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies VGG to NHWC images.
+    HEAD = 'fc8'
+    HEAD_INIT = (nn.initializers.normal(0.01), nn.initializers.zeros)
 
-        Args:
-            x: images, (B, H, W, C), H and W >= 32.
-            train: batch statistics and dropout on.
-            return_features: also return ``{'stem', 'stage1'..'stage4', 'pre_logits'}``.
-
-        Returns:
-            float32 logits (B, num_classes) (fc7 features when ``num_classes == 0``), and
-            the feature dict when ``return_features``.
-        """
+    def check_fields(self) -> None:
+        super().check_fields()
         if len(self.depths) != len(self.widths):
-            raise ValueError('depths and widths need one entry per block')
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
+            raise self.invalid('widths', f'one entry per block ({len(self.depths)})')
 
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv, norm = self.make_conv(), self.make_norm(train)
         for b, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True)):
             for i in range(depth):
                 # torchvision keeps the conv bias even when BatchNorm follows.
@@ -130,13 +115,7 @@ class VGG(nn.Module):
         x = flatten_chw(adaptive_avg_pool(x, POOLED_SIZE))
         x = nn.relu(_dense(FC_WIDTH, self.dtype, 'fc6')(x))
         x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-        x = nn.relu(_dense(FC_WIDTH, self.dtype, 'fc7')(x))
-        features['pre_logits'] = x.astype(jnp.float32)
-        if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = _dense(self.num_classes, self.dtype, 'fc8')(x)
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        return nn.relu(_dense(FC_WIDTH, self.dtype, 'fc7')(x))
 
 
 def _dense(features: int, dtype: layers.Dtype, name: str) -> nn.Dense:
@@ -174,78 +153,9 @@ def torchvision_name_map(config: str, batch_norm: bool) -> tuple[NameRule, ...]:
     return tuple(rules)
 
 
-def _own_name_map(fn: Callable[..., VGG]) -> Callable[..., VGG]:
-    """Gives a variant its own conversion family (see the module docstring for why).
-
-    The registry takes a model's family from the factory's ``__module__``; naming it
-    ``models.vgg.<variant>`` makes the family the variant name, whose map is registered
-    below from :data:`VGG_VARIANTS`.
-    """
-    fn.__module__ = f'{__name__}.{fn.__name__}'
-    return fn
-
-
-for _name, (_config, _batch_norm) in VGG_VARIANTS.items():
+# One name map per variant, keyed by the model's name (see the module docstring).
+for _name, (_config, _batch_norm, _top1) in VGG_VARIANTS.items():
     register_name_map(_name, torchvision_name_map(_config, _batch_norm))
-
-
-def _vgg(variant: str, **kwargs) -> VGG:
-    config, batch_norm = VGG_VARIANTS[variant]
-    return VGG(**{'depths': VGG_DEPTHS[config], 'norm': 'batch' if batch_norm else 'none', **kwargs})
-
-
-# top1: torchvision IMAGENET1K_V1 weights (224 px, resize 256, centre crop).
-@register_model(top1=69.020, paper=_PAPER)
-@_own_name_map
-def vgg11(**kwargs) -> VGG:
-    """VGG-11 (configuration A), 132,863,336 parameters."""
-    return _vgg('vgg11', **kwargs)
-
-
-@register_model(top1=69.928, paper=_PAPER)
-@_own_name_map
-def vgg13(**kwargs) -> VGG:
-    """VGG-13 (configuration B), 133,047,848 parameters."""
-    return _vgg('vgg13', **kwargs)
-
-
-@register_model(top1=71.592, paper=_PAPER)
-@_own_name_map
-def vgg16(**kwargs) -> VGG:
-    """VGG-16 (configuration D), 138,357,544 parameters."""
-    return _vgg('vgg16', **kwargs)
-
-
-@register_model(top1=72.376, paper=_PAPER)
-@_own_name_map
-def vgg19(**kwargs) -> VGG:
-    """VGG-19 (configuration E), 143,667,240 parameters."""
-    return _vgg('vgg19', **kwargs)
-
-
-@register_model(top1=70.370, paper=_PAPER)
-@_own_name_map
-def vgg11_bn(**kwargs) -> VGG:
-    """VGG-11 with BatchNorm, 132,868,840 parameters."""
-    return _vgg('vgg11_bn', **kwargs)
-
-
-@register_model(top1=71.586, paper=_PAPER)
-@_own_name_map
-def vgg13_bn(**kwargs) -> VGG:
-    """VGG-13 with BatchNorm, 133,053,736 parameters."""
-    return _vgg('vgg13_bn', **kwargs)
-
-
-@register_model(top1=73.360, paper=_PAPER)
-@_own_name_map
-def vgg16_bn(**kwargs) -> VGG:
-    """VGG-16 with BatchNorm, 138,365,992 parameters."""
-    return _vgg('vgg16_bn', **kwargs)
-
-
-@register_model(top1=74.218, paper=_PAPER)
-@_own_name_map
-def vgg19_bn(**kwargs) -> VGG:
-    """VGG-19 with BatchNorm, 143,678,248 parameters."""
-    return _vgg('vgg19_bn', **kwargs)
+    register_model(name=_name, top1=_top1, paper=_PAPER)(
+        functools.partial(VGG, depths=VGG_DEPTHS[_config], norm='batch' if _batch_norm else 'none')
+    )

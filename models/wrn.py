@@ -35,10 +35,13 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from models import layers
-from models.registry import register_model
+from models import layers, registry
+
+# No reference weights (no name map); 'wrn' is the family all the same.
+register_model = functools.partial(
+    registry.register_model, family='wrn', classifier='fc', first_conv='stem_conv'
+)
 
 _PAPER = 'Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016'
 # CIFAR-10 training-set statistics as used by the FixMatch / MPL PyTorch ports.
@@ -89,125 +92,71 @@ class WideBasicBlock(nn.Module):
         return shortcut + layers.DropPath(self.drop_path_rate)(y, train)
 
 
-class WideResNet(nn.Module):
+class WideResNet(layers.ResidualClassifier):
     """WRN-d-k for 32 px inputs.
+
+    Features: ``stem``, ``stage1``..``stage3`` (raw block outputs), ``pre_logits`` (after
+    the final norm + activation and pooling). Shared fields as
+    :class:`layers.ResidualClassifier`, with FixMatch's defaults: 10 classes, ``drop_rate``
+    is FixMatch's ``dropout`` flag; ``padding='tf_same'`` reproduces the TF reference's
+    asymmetric padding of strided convs.
 
     Attributes:
         depth: total depth d; ``(d - 4) / 6`` blocks per group (28 -> 4).
         widen_factor: k; group widths are ``group_widths * k``.
         group_widths: widths of the three groups at k = 1 (Table 1: 16, 32, 64).
         stem_width: channels of the first conv (16, not widened).
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'`` (fewer on narrow layers, see
-            :class:`layers.GroupNorm`).
         bn_momentum: BatchNorm running-average decay; 0.999 as FixMatch (torch 0.001).
         bn_eps: norm epsilon; 1e-3, TF's default in the FixMatch code.
-        weight_std: weight-standardised convs.
         std_eps: StdConv epsilon.
         activation: ``'leaky_relu'`` (FixMatch / MPL) or ``'relu'`` (the WRN paper).
         leaky_slope: negative slope of the leaky ReLU (0.1 in FixMatch).
         conv_bias: convs with bias, as the FixMatch TF code (see module docstring).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier (FixMatch's ``dropout`` flag).
         block_drop_rate: dropout inside every block (the paper's WRN-28-10 uses 0.3).
-        drop_path_rate: stochastic depth; block ``i`` of ``n`` uses
-            ``drop_path_rate * i / (n - 1)``.
-        padding: padding mode of the convs; ``'tf_same'`` reproduces the TF reference's
-            asymmetric padding of strided convs.
     """
 
     depth: int = 28
     widen_factor: int = 2
     group_widths: tuple[int, ...] = (16, 32, 64)
     stem_width: int = 16
-    num_classes: int = 10
-    norm: str = 'batch'
-    gn_groups: int = 32
     bn_momentum: float = 0.999
     bn_eps: float = 1e-3
-    weight_std: bool = False
     std_eps: float = 1e-8
     activation: str = 'leaky_relu'
     leaky_slope: float = 0.1
     conv_bias: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
     block_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = 'symmetric'
+    num_classes: int = layers.kw_only(10)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """Applies the network to NHWC images.
+    # FixMatch's classifier: Glorot-normal kernel, zero bias.
+    HEAD_INIT = (nn.initializers.glorot_normal(), nn.initializers.zeros)
+    CHOICES = {'activation': ACTIVATIONS}
 
-        Args:
-            x: images, (B, H, W, C).
-            train: batch statistics, dropout and drop-path on.
-            return_features: also return ``{'stem', 'stage1'..'stage3', 'pre_logits'}``
-                (stage maps are raw block outputs; ``pre_logits`` follows the final
-                norm + activation and pooling).
-
-        Returns:
-            float32 logits (B, num_classes) (pooled features when ``num_classes == 0``),
-            and the feature dict when ``return_features``.
-        """
+    def check_fields(self) -> None:
+        super().check_fields()
         if (self.depth - 4) % 6:
-            raise ValueError(f'WRN depth must be 6n + 4, got {self.depth}')
-        if self.norm not in ('batch', 'group'):
-            raise ValueError(f"WideResNet norm must be 'batch' or 'group', got {self.norm!r}")
+            raise self.invalid('depth', '6n + 4')
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
         if self.activation == 'leaky_relu':
             act = functools.partial(nn.leaky_relu, negative_slope=self.leaky_slope)
-        elif self.activation == 'relu':
-            act = nn.relu
         else:
-            raise ValueError(f'activation must be one of {ACTIVATIONS}, got {self.activation!r}')
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding, eps=self.std_eps)
-        norm = layers.norm_factory(
-            self.norm, train, self.dtype, groups=self.gn_groups, momentum=self.bn_momentum,
-            epsilon=self.bn_eps,
-        )
+            act = nn.relu
+        conv = self.make_conv(eps=self.std_eps)
+        norm = self.make_norm(train, momentum=self.bn_momentum, epsilon=self.bn_eps)
         blocks_per_group = (self.depth - 4) // 6
-        features = {}
 
-        x = x.astype(self.dtype)
         x = conv(self.stem_width, 3, use_bias=self.conv_bias, name='stem_conv')(x)
         features['stem'] = x
 
-        n_blocks = blocks_per_group * len(self.group_widths)
-        index = 0
-        for group, width in enumerate(self.group_widths):
-            for b in range(blocks_per_group):
-                x = WideBasicBlock(
-                    features=width * self.widen_factor,
-                    strides=2 if group > 0 and b == 0 else 1,
-                    activate_before_residual=group == 0 and b == 0,
-                    conv=conv,
-                    norm=norm,
-                    act=act,
-                    block_drop_rate=self.block_drop_rate,
-                    drop_path_rate=self.drop_path_rate * index / max(n_blocks - 1, 1),
-                    conv_bias=self.conv_bias,
-                    name=f'group{group + 1}_{b}',
-                )(x, train)
-                index += 1
-            features[f'stage{group + 1}'] = x
+        def block(g: int, b: int, rate: float) -> WideBasicBlock:
+            return WideBasicBlock(
+                self.group_widths[g] * self.widen_factor, 2 if g > 0 and b == 0 else 1, g == 0 and b == 0,
+                conv, norm, act, self.block_drop_rate, rate, self.conv_bias, name=f'group{g + 1}_{b}',
+            )
 
-        x = act(norm(name='norm')(x))
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        features['pre_logits'] = x
-        if self.num_classes:
-            x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
-            x = nn.Dense(
-                self.num_classes,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=nn.initializers.glorot_normal(),
-                bias_init=nn.initializers.zeros,
-                name='fc',
-            )(x)
-        x = x.astype(jnp.float32)
-        return (x, features) if return_features else x
+        x = self.residual_stages(x, train, features, (blocks_per_group,) * len(self.group_widths), block)
+        return act(norm(name='norm')(x))
 
 
 _CIFAR = dict(

@@ -29,16 +29,17 @@ The legacy net's unpadded stem needs inputs >= 71 px (the paper's minimum in Ker
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from models import layers
-from models.convert import NameRule, register_name_map
-from models.registry import register_model
+from models import layers, registry
+from models.convert import NameRule, flat, register_name_map, within
+
+register_model = functools.partial(registry.register_model, family="xception")
 
 _PAPER = 'Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017'
 _PAPER_ALIGNED = (
@@ -139,15 +140,6 @@ def _stage_ends(strides: tuple[int, ...]) -> list[bool]:
     return [i + 1 < len(strides) and strides[i + 1] > 1 for i in range(len(strides))]
 
 
-def _classifier(model: nn.Module, x: jax.Array, train: bool, name: str) -> jax.Array:
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    if not model.num_classes:
-        return x
-    return layers.classifier_head(
-        x, model.num_classes, drop_rate=model.drop_rate, train=train, dtype=model.dtype, name=name
-    )
-
-
 class LegacyXceptionBlock(nn.Module):
     """A Fig. 5 module (see :class:`LegacyBlock`); names follow timm's ``rep`` indices.
 
@@ -190,40 +182,21 @@ class LegacyXceptionBlock(nn.Module):
         return x + layers.DropPath(self.drop_path_rate)(y, train)
 
 
-class Xception(nn.Module):
+class Xception(layers.ResidualClassifier):
     """The Xception of Chollet 2017, Fig. 5 (timm ``legacy_xception`` layout).
+
+    Shared fields as :class:`layers.ResidualClassifier` (drop path linear over the
+    modules); ``padding`` covers the padded convs and max-pools, the stem convs stay
+    unpadded in both modes.
 
     Attributes:
         blocks: the module table (:data:`LEGACY_BLOCKS`).
-        num_classes: classifier size; 0 returns the pooled features instead of logits.
-        norm: ``'batch'`` or ``'group'``.
-        gn_groups: groups when ``norm='group'``.
-        weight_std: weight-standardised convs (BiT).
-        dtype: compute dtype; parameters and logits are float32.
-        drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic depth of the residual modules (linear over modules).
-        padding: padding mode of the padded convs and max-pools (see
-            :func:`layers.get_padding`); the stem convs stay unpadded in both modes.
     """
 
     blocks: tuple[LegacyBlock, ...] = LEGACY_BLOCKS
-    num_classes: int = 1000
-    norm: str = "batch"
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = "symmetric"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(self.weight_std, self.dtype, self.padding)
-        norm = layers.norm_factory(self.norm, train, self.dtype, groups=self.gn_groups)
-        features = {}
-        x = x.astype(self.dtype)
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv, norm = self.make_conv(), self.make_norm(train)
         # The stem is unpadded in the paper's (Keras) network.
         x = nn.relu(norm(name="bn1")(conv(32, 3, 2, padding="valid", name="conv1")(x)))
         x = nn.relu(norm(name="bn2")(conv(64, 3, padding="valid", name="conv2")(x)))
@@ -233,12 +206,7 @@ class Xception(nn.Module):
         stage = 1
         for i, cfg in enumerate(self.blocks):
             x = LegacyXceptionBlock(
-                cfg,
-                conv,
-                norm,
-                self.drop_path_rate * i / max(n - 1, 1),
-                self.padding,
-                name=f"block{i + 1}",
+                cfg, conv, norm, self.drop_path_at(i, n), self.padding, name=f"block{i + 1}"
             )(x, train)
             if ends[i]:
                 features[f"stage{stage}"] = x
@@ -248,12 +216,7 @@ class Xception(nn.Module):
         x = conv(1536, 3, feature_group_count=1536, name="conv4_dw")(x)
         x = nn.relu(norm(name="bn4")(conv(2048, 1, name="conv4_pw")(x)))
         features[f"stage{stage}"] = x
-        x = _classifier(self, x, train, "fc")
-        if return_features:
-            features["pre_logits"] = jnp.mean(
-                features[f"stage{stage}"].astype(jnp.float32), axis=(1, 2)
-            )
-        return (x, features) if return_features else x
+        return x
 
 
 class AlignedXceptionBlock(nn.Module):
@@ -296,36 +259,24 @@ class AlignedXceptionBlock(nn.Module):
         return x + layers.DropPath(self.drop_path_rate)(y, train)
 
 
-class XceptionAligned(nn.Module):
+class XceptionAligned(layers.ResidualClassifier):
     """Aligned Xception (DeepLab v3+), timm ``xception41/65/71`` layout, output stride 32.
 
-    Attributes: as :class:`Xception`; ``blocks`` is a row of :data:`ALIGNED_BLOCKS`, and
-    ``padding`` covers every conv (the stem's included; there are no pools).
+    Shared fields as :class:`Xception`; ``padding`` covers every conv (the stem's included;
+    there are no pools).
+
+    Attributes:
+        blocks: a row of :data:`ALIGNED_BLOCKS`.
     """
 
     blocks: tuple[AlignedBlock, ...] = ALIGNED_BLOCKS[65]
-    num_classes: int = 1000
-    norm: str = "batch"
-    gn_groups: int = 32
-    weight_std: bool = False
-    dtype: layers.Dtype = jnp.float32
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    padding: str = "symmetric"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
-        """NHWC images -> float32 logits (and the feature dict when ``return_features``)."""
-        layers.check_model_padding(self.padding, type(self).__name__)
-        conv = layers.conv_factory(
-            self.weight_std, self.dtype, self.padding, kernel_init=layers.torch_default_kernel_init
-        )
+    HEAD = "head_fc"
+
+    def forward_features(self, x: jax.Array, train: bool, features: dict) -> jax.Array:
+        conv = self.make_conv(kernel_init=layers.torch_default_kernel_init)
         # timm: BatchNorm2d(eps=1e-3, momentum=0.1), the TF checkpoints' epsilon.
-        norm = layers.norm_factory(
-            self.norm, train, self.dtype, groups=self.gn_groups, epsilon=1e-3
-        )
-        features = {}
-        x = x.astype(self.dtype)
+        norm = self.make_norm(train, epsilon=1e-3)
         x = nn.relu(norm(name="stem_0_bn")(conv(32, 3, 2, name="stem_0_conv")(x)))
         x = nn.relu(norm(name="stem_1_bn")(conv(64, 3, name="stem_1_conv")(x)))
         features["stem"] = x
@@ -333,19 +284,12 @@ class XceptionAligned(nn.Module):
         ends = _stage_ends(tuple(b.strides for b in self.blocks))
         stage = 1
         for i, cfg in enumerate(self.blocks):
-            x = AlignedXceptionBlock(
-                cfg, conv, norm, self.drop_path_rate * i / max(n - 1, 1), name=f"blocks_{i}"
-            )(x, train)
+            x = AlignedXceptionBlock(cfg, conv, norm, self.drop_path_at(i, n), name=f"blocks_{i}")(x, train)
             if ends[i]:
                 features[f"stage{stage}"] = x
                 stage += 1
         features[f"stage{stage}"] = x
-        x = _classifier(self, x, train, "head_fc")
-        if return_features:
-            features["pre_logits"] = jnp.mean(
-                features[f"stage{stage}"].astype(jnp.float32), axis=(1, 2)
-            )
-        return (x, features) if return_features else x
+        return x
 
 
 # One family, two timm naming schemes: the rules cannot collide (legacy names start with
@@ -354,68 +298,43 @@ register_name_map(
     "xception",
     (
         # legacy_xception
-        NameRule("conv{i}", "conv{i}", "conv"),
-        NameRule("bn{i}", "bn{i}", "norm"),
-        NameRule("block{b}.skip", "block{b}/skip", "conv"),
-        NameRule("block{b}.skipbn", "block{b}/skipbn", "norm"),
+        *flat("conv", "conv{i}"),
+        *flat("norm", "bn{i}"),
+        *within("block{b}", "block{b}", "conv", "skip"),
+        *within("block{b}", "block{b}", "norm", "skipbn"),
         NameRule("block{b}.rep.{i}.conv1", "block{b}/rep{i}_dw", "conv"),
         NameRule("block{b}.rep.{i}.pointwise", "block{b}/rep{i}_pw", "conv"),
         NameRule("block{b}.rep.{i}", "block{b}/rep{i}", "norm"),
         NameRule("conv{i}.conv1", "conv{i}_dw", "conv"),
         NameRule("conv{i}.pointwise", "conv{i}_pw", "conv"),
-        NameRule("fc", "fc", "linear"),
+        *flat("linear", "fc"),
         # xception41/65/71
-        NameRule("stem.{i}.conv", "stem_{i}_conv", "conv"),
-        NameRule("stem.{i}.bn", "stem_{i}_bn", "norm"),
-        NameRule("blocks.{b}.shortcut.conv", "blocks_{b}/shortcut_conv", "conv"),
-        NameRule("blocks.{b}.shortcut.bn", "blocks_{b}/shortcut_bn", "norm"),
+        *flat("conv", "stem.{i}.conv"),
+        *flat("norm", "stem.{i}.bn"),
+        *within("blocks.{b}", "blocks_{b}", "conv", "shortcut.conv"),
+        *within("blocks.{b}", "blocks_{b}", "norm", "shortcut.bn"),
         NameRule("blocks.{b}.stack.conv{i}.conv_dw", "blocks_{b}/conv{i}_dw", "conv"),
         NameRule("blocks.{b}.stack.conv{i}.bn_dw", "blocks_{b}/conv{i}_bn_dw", "norm"),
         NameRule("blocks.{b}.stack.conv{i}.conv_pw", "blocks_{b}/conv{i}_pw", "conv"),
         NameRule("blocks.{b}.stack.conv{i}.bn_pw", "blocks_{b}/conv{i}_bn_pw", "norm"),
-        NameRule("head.fc", "head_fc", "linear"),
+        *flat("linear", "head.fc"),
     ),
 )
 
-_ALIGNED_CFG = dict(
-    input_size=(299, 299, 3),
-    mean=_INCEPTION_MEAN,
-    std=_INCEPTION_MEAN,
-    interpolation="bicubic",
-    paper=_PAPER_ALIGNED,
-)
+# Registered name -> (module, fields, ModelCfg fields); parameter counts in the README
+# table. Data settings: timm's pretrained cfgs (tf_in1k for the aligned nets).
+# legacy_xception's top1: the paper's Table 1 (Keras weights, 79.0%); neither timm's cfgs
+# nor the DeepLab v3+ paper give a per-variant ImageNet top-1 of the aligned checkpoints.
+_CFG = dict(input_size=(299, 299, 3), mean=_INCEPTION_MEAN, std=_INCEPTION_MEAN, interpolation="bicubic")
+_ALIGNED_CFG = dict(crop_pct=0.903, paper=_PAPER_ALIGNED, classifier="head_fc", first_conv="stem_0_conv", **_CFG)
+XCEPTION_MODELS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
+    "legacy_xception": (
+        Xception, {}, dict(crop_pct=0.8975, top1=79.0, paper=_PAPER, classifier="fc", first_conv="conv1", **_CFG)
+    ),
+    "xception41": (XceptionAligned, dict(blocks=ALIGNED_BLOCKS[41]), _ALIGNED_CFG),
+    "xception65": (XceptionAligned, dict(blocks=ALIGNED_BLOCKS[65]), _ALIGNED_CFG),
+    "xception71": (XceptionAligned, dict(blocks=ALIGNED_BLOCKS[71]), _ALIGNED_CFG),
+}
 
-
-# Data settings: timm's pretrained cfgs. top1: the paper's Table 1 (Keras weights, 79.0%).
-@register_model(
-    input_size=(299, 299, 3),
-    mean=_INCEPTION_MEAN,
-    std=_INCEPTION_MEAN,
-    crop_pct=0.8975,
-    interpolation="bicubic",
-    top1=79.0,
-    paper=_PAPER,
-)
-def legacy_xception(**kwargs) -> Xception:
-    """Xception (Chollet 2017, Fig. 5), 22,855,952 parameters."""
-    return Xception(**kwargs)
-
-
-# Data settings: timm's tf_in1k pretrained cfgs. Neither timm's cfgs nor the DeepLab v3+
-# paper give a per-variant ImageNet top-1 of these checkpoints, so top1 is left unset.
-@register_model(crop_pct=0.903, **_ALIGNED_CFG)
-def xception41(**kwargs) -> XceptionAligned:
-    """Aligned Xception-41, 26,969,560 parameters."""
-    return XceptionAligned(**{"blocks": ALIGNED_BLOCKS[41], **kwargs})
-
-
-@register_model(crop_pct=0.903, **_ALIGNED_CFG)
-def xception65(**kwargs) -> XceptionAligned:
-    """Aligned Xception-65, 39,916,312 parameters."""
-    return XceptionAligned(**{"blocks": ALIGNED_BLOCKS[65], **kwargs})
-
-
-@register_model(crop_pct=0.903, **_ALIGNED_CFG)
-def xception71(**kwargs) -> XceptionAligned:
-    """Aligned Xception-71, 42,338,736 parameters."""
-    return XceptionAligned(**{"blocks": ALIGNED_BLOCKS[71], **kwargs})
+for _name, (_module, _fields, _cfg) in XCEPTION_MODELS.items():
+    register_model(name=_name, **_cfg)(functools.partial(_module, **_fields))

@@ -264,3 +264,23 @@ def test_optimizer_decays_only_the_masked_parameters(name, decay_all):
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
                                  jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-12, err_msg=str(path))
+
+
+@pytest.mark.parametrize('name', ['squeezenet1_0', 'resnetv2_50x1_bit', 'legacy_senet154'])
+def test_agc_and_fine_tuning_skip_the_declared_classifier(name):
+    """AGC leaves exactly the declared classifier unclipped (BiT's `head_fc`, SENet's
+    `last_linear`, SqueezeNet's conv classifier), and fine-tuning re-initialises exactly it."""
+    from flax import traverse_util
+
+    import models
+    from trainers import agc, finetune
+
+    h, w, c = models.get_model_cfg(name).input_size
+    model = models.create_model(name, num_classes=7)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, c)), train=False))['params']
+    mask = traverse_util.flatten_dict(agc.classifier_mask(name)(params))
+    unclipped = {k for k, clip in mask.items() if not clip}
+    heads = finetune.head_keys(name, 7)
+    assert unclipped and unclipped == {k[1:] for k in heads if k[0] == 'params'}
+    assert all(models.in_classifier(name, k) for k in unclipped)
+    assert len(unclipped) < len(mask)

@@ -1,4 +1,6 @@
-"""Tests of models/: parameter counts, forward/backward, layers, registry, conversion.
+"""Tests of models/: LeNet-5's structure, layers, the padding switch, the registry and
+weight conversion (every registered model against the shared contract is
+tests/test_models_registry.py).
 
 Kept to tiny inputs and few compilations (shapes via ``jax.eval_shape``) so the file runs
 in well under a minute on 2 CPU cores.
@@ -15,51 +17,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from modeltest import abstract_variables, compile_fast, normal, num_params, run_fast, train_step  # noqa: E402
+from modeltest import (
+    abstract_variables,
+    compile_fast,
+    normal,
+    num_params,
+    random_variables,
+    run_fast,
+)
 
 import models
 from models import layers
 
-# torchvision parameter counts at 1000 classes (torchvision.models docs / sum of numel()).
-TORCHVISION_PARAMS = {
-    'resnet18': 11_689_512,
-    'resnet34': 21_797_672,
-    'resnet50': 25_557_032,
-    'resnet101': 44_549_160,
-    'resnet152': 60_192_808,
-}
 LENET5_PARAMS = 156 + 12 + 1_516 + 32 + 48_120 + 10_164 + 850  # = 60,850, models/lenet.py
-
-
-# Compilation dominates these tests (XLA:CPU takes ~30 s to optimise ResNet-18's ``init``
-# RNG code on a busy 2-core machine). Each compiled function runs once or twice, so trade
-# run time for compile time.
-
-
-def _random_variables(model, shape, seed=0):
-    """Concrete variables with the model's structure, without compiling ``init``."""
-    abstract = abstract_variables(model, shape)
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
 
 
 @pytest.fixture(scope='module')
 def tiny():
-    """resnet_tiny, its initialised variables, a batch and a jitted eval forward."""
+    """resnet_tiny, random variables, a batch and a jitted eval forward."""
     model = models.create_model('resnet_tiny')
     x = normal((2, 32, 32, 3))
-    variables = _init('resnet_tiny', (2, 32, 32, 3))
+    variables = random_variables(model, x.shape)
     forward = compile_fast(functools.partial(model.apply, train=False), variables, x)
     return model, variables, x, forward
 
 
 # --------------------------------------------------------------------------- param counts
-
-
-@pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
-def test_resnet_param_count_matches_torchvision(name):
-    variables = abstract_variables(models.create_model(name), (1, 64, 64, 3))
-    assert num_params(variables['params']) == TORCHVISION_PARAMS[name]
 
 
 def test_lenet5_param_count():
@@ -92,87 +75,9 @@ def test_lenet5_c3_follows_table_i():
         np.testing.assert_array_equal(changed > 0, feeds)
 
 
-def test_batch_stats_only_with_batch_norm():
-    bn = abstract_variables(models.create_model('resnet18'), (1, 32, 32, 3))
-    gn = abstract_variables(
-        models.create_model('resnet18', norm='group', weight_std=True), (1, 32, 32, 3)
-    )
-    assert set(bn) == {'params', 'batch_stats'}
-    assert set(gn) == {'params'}
-    # Same parameter count: GN scale/bias replace BN scale/bias one for one.
-    assert num_params(gn['params']) == TORCHVISION_PARAMS['resnet18']
-    assert set(abstract_variables(models.create_model('lenet5'), (1, 32, 32, 1))) == {'params'}
-    lenet_bn = abstract_variables(models.create_model('lenet5', norm='batch'), (1, 32, 32, 1))
-    assert set(lenet_bn['batch_stats']) == {'n1', 'n3', 'n5'}
-
-
-# ----------------------------------------------------------------- forward and backward
-
-
-_INIT_CACHE: dict = {}
-
-
-def _init(name: str, shape: tuple[int, ...]):
-    """Initialised variables of a registered model, compiled once per (name, shape)."""
-    if (name, shape) not in _INIT_CACHE:
-        model = models.create_model(name)
-        x = jnp.zeros(shape)
-        _INIT_CACHE[name, shape] = run_fast(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    return _INIT_CACHE[name, shape]
-
-
-# The GN + WS ResNet-18 and the 28 px LeNet reuse the parameters of the default variant
-# (same tree: GN scale/bias replace BN scale/bias; LeNet's weights are size-independent)
-# to save compilations; their own init structure is checked with eval_shape above.
-@pytest.mark.parametrize(
-    'name, size, channels, overrides',
-    [
-        ('resnet_tiny', 32, 3, {}),
-        ('resnet18', 32, 3, {}),
-        ('resnet18', 32, 3, {'norm': 'group', 'weight_std': True}),
-        ('lenet5', 32, 1, {}),
-        ('lenet5', 28, 1, {'drop_rate': 0.5}),
-    ],
-)
-def test_forward_backward(name, size, channels, overrides):
-    model = models.create_model(name, **overrides)
-    variables = _init(name, (2, 32, 32, channels))
-    if model.norm != 'batch':
-        variables = {'params': variables['params']}
-    x = normal((2, size, size, channels))
-    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
-    chex.assert_shape(logits, (2, model.num_classes))
-    assert logits.dtype == jnp.float32
-    chex.assert_tree_all_finite((loss, logits, grads))
-    # Every parameter receives gradient signal (a disconnected layer would give zeros).
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-    if 'batch_stats' in variables:
-        old = jax.tree.leaves(variables['batch_stats'])
-        new = jax.tree.leaves(updates['batch_stats'])
-        assert len(old) == len(new) > 0
-        assert all(not np.allclose(o, n) for o, n in zip(old, new, strict=True))
-    else:
-        assert updates == {}
-
-
-def test_bfloat16_compute_keeps_float32_params_and_logits(tiny):
-    _, variables, x, _ = tiny
-    model = models.create_model('resnet_tiny', dtype=jnp.bfloat16)
-    abstract = abstract_variables(model, x.shape)
-    assert {p.dtype for p in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
-    chex.assert_trees_all_equal_shapes_and_dtypes(abstract, variables)
-    logits, features = run_fast(functools.partial(model.apply, return_features=True), variables, x)
-    assert logits.dtype == jnp.float32
-    assert features['stage4'].dtype == jnp.bfloat16
-    chex.assert_tree_all_finite(logits)
-    lenet = models.create_model('lenet5', dtype=jnp.bfloat16, norm='group')
-    lenet_vars = abstract_variables(lenet, (1, 32, 32, 1))
-    assert {p.dtype for p in jax.tree.leaves(lenet_vars)} == {jnp.dtype(jnp.float32)}
-    assert jax.eval_shape(lenet.apply, lenet_vars, jnp.zeros((1, 32, 32, 1))).dtype == jnp.float32
-
-
 def test_lenet5_feature_shapes_at_32_and_28():
-    model = models.create_model('lenet5')
+    model = models.create_model('lenet5', norm='batch')
+    assert set(abstract_variables(model, (1, 32, 32, 1))['batch_stats']) == {'n1', 'n3', 'n5'}
     for size, s4 in ((32, 5), (28, 4)):
         x = jnp.zeros((2, size, size, 1))
         variables = abstract_variables(model, x.shape)
@@ -246,82 +151,7 @@ def test_drop_path_and_dropout_are_identity_at_eval(tiny):
     )
 
 
-# ---------------------------------------------------------------------------- features
-
-
-def test_num_classes_zero_and_return_features_shapes():
-    model = models.create_model('resnet50')
-    x = jnp.zeros((2, 224, 224, 3))
-    variables = abstract_variables(model, (1, 64, 64, 3))
-    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
-    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
-    assert {k: v.shape for k, v in feats.items()} == {
-        'stem': (2, 56, 56, 64),
-        'stage1': (2, 56, 56, 256),
-        'stage2': (2, 28, 28, 512),
-        'stage3': (2, 14, 14, 1024),
-        'stage4': (2, 7, 7, 2048),
-        'pre_logits': (2, 2048),
-    }
-    headless = models.create_model('resnet50', num_classes=0)
-    head_vars = abstract_variables(headless, (1, 64, 64, 3))
-    assert 'fc' not in head_vars['params']
-    pooled = jax.eval_shape(functools.partial(headless.apply, train=False), head_vars, x)
-    assert pooled.shape == (2, 2048) and pooled.dtype == jnp.float32
-    lenet = models.create_model('lenet5', num_classes=0)
-    out = jax.eval_shape(lenet.apply, abstract_variables(lenet, (1, 32, 32, 1)), jnp.zeros((3, 32, 32, 1)))
-    assert out.shape == (3, 84)
-
-
-def test_cifar_stem_features(tiny):
-    model, variables, x, _ = tiny
-    _, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
-    assert feats['stem'].shape == (2, 32, 32, 16)
-    assert feats['stage4'].shape == (2, 4, 4, 128)
-
-
 # ----------------------------------------------------------------------------- padding
-
-
-def _first_model_of_each_family() -> list[str]:
-    """One registered name per family (VGG registers one family per variant)."""
-    first: dict[str, str] = {}
-    for name in models.list_models():
-        first.setdefault(models.get_model_family(name), name)
-    return sorted(first.values())
-
-
-@pytest.mark.parametrize('name', _first_model_of_each_family())
-def test_padding_switch_reaches_every_family(name):
-    shape = (1, *models.get_model_cfg(name).input_size)
-    symmetric = models.create_model(name, padding='symmetric')
-    tf_same = models.create_model(name, padding='tf_same')
-    assert (symmetric.padding, tf_same.padding) == ('symmetric', 'tf_same')
-    # Padding adds no parameters: the same tree, so converted weights load in either mode.
-    chex.assert_trees_all_equal_shapes_and_dtypes(
-        abstract_variables(symmetric, shape), abstract_variables(tf_same, shape)
-    )
-    with pytest.raises(ValueError, match='symmetric') as info:
-        abstract_variables(models.create_model(name, padding='reflect'), shape)
-    assert 'tf_same' in str(info.value) and 'reflect' in str(info.value)
-
-
-def _unit_scale_variables(model, shape, seed=0):
-    """Random variables keeping activations O(1): kernels N(0, 1/fan_in), norm scales near 1,
-    other vectors N(0, 0.01), BatchNorm statistics mean 0 / var 1 (no ``init`` compile)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        key = path[-1].key
-        if key in ('mean', 'var'):
-            return np.full(leaf.shape, float(key == 'var'), leaf.dtype)
-        if len(leaf.shape) > 1:
-            value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape) + (key == 'scale')
-        return value.astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_variables(model, shape))
 
 
 # Even inputs, where TF SAME pads a strided layer bottom/right only. squeezenet1_1: its
@@ -340,7 +170,7 @@ def test_tf_same_padding_changes_outputs(name, size, differs):
     symmetric = models.create_model(name, num_classes=10)
     tf_same = models.create_model(name, num_classes=10, padding='tf_same')
     x = normal((1, size, size, models.get_model_cfg(name).input_size[2]), seed=1)
-    variables = _unit_scale_variables(symmetric, x.shape)
+    variables = random_variables(symmetric, x.shape)
     expected = run_fast(functools.partial(symmetric.apply, train=False), variables, x)
     got = run_fast(functools.partial(tf_same.apply, train=False), variables, x)
     chex.assert_tree_all_finite((expected, got))
@@ -388,9 +218,15 @@ def test_bad_override_names_key_and_accepted_fields():
     assert 'drop_path_rate' in str(info.value) and 'weight_std' in str(info.value)
 
 
-def test_duplicate_registration_raises():
+def test_registration_needs_a_new_name_a_family_and_the_declared_paths():
+    register = functools.partial(models.register_model, family='resnet', classifier='fc', first_conv='conv1')
     with pytest.raises(ValueError, match='already registered'):
-        models.register_model()(models.resnet.resnet18)
+        register(name='resnet18')(models.resnet.ResNet)
+    with pytest.raises(ValueError, match='already an alias'):
+        register(name='xception')(models.xception.Xception)
+    with pytest.raises(ValueError, match='classifier and first_conv'):
+        models.register_model(family='resnet', name='resnet18_new', classifier='fc')(models.resnet.ResNet)
+    assert 'resnet18_new' not in models.list_models()
 
 
 # -------------------------------------------------------------------------- conversion
@@ -410,7 +246,7 @@ def test_convert_round_trip_reproduces_variables_and_logits(tiny):
 
 def test_resnet50_state_dict_names_match_torchvision():
     model = models.create_model('resnet50')
-    variables = _random_variables(model, (1, 64, 64, 3))
+    variables = random_variables(model, (1, 64, 64, 3))
     state_dict = models.export_state_dict('resnet50', variables)
     # torchvision's resnet50 state dict has 320 entries, 53 of them num_batches_tracked.
     assert len(state_dict) == 320 - 53
@@ -426,7 +262,7 @@ def test_resnet50_state_dict_names_match_torchvision():
 
 def test_lenet5_round_trip():
     model = models.create_model('lenet5', norm='batch')
-    variables = _random_variables(model, (1, 32, 32, 1))
+    variables = random_variables(model, (1, 32, 32, 1))
     state_dict = models.export_state_dict('lenet5', variables)
     assert state_dict['c3.15.weight'].shape == (1, 6, 5, 5)
     assert state_dict['c3.0.weight'].shape == (1, 3, 5, 5)

@@ -1,15 +1,15 @@
-"""AlexNet family (alexnet, alexnet_original, overfeat_*) and VGG: counts, parity, training.
+"""AlexNet family (alexnet, alexnet_original, overfeat_*) and VGG: papers, parity, names.
 
 Parity runs converted random-init torchvision weights through both implementations
-(tests/parity.py). Everything else uses ``jax.eval_shape`` or batch-2 inputs at the
-smallest resolution each architecture allows, so the file stays cheap on CPU.
+(tests/parity.py). Everything else uses ``jax.eval_shape``, so the file stays cheap on
+CPU. Counts (equal to torchvision 0.29.1's), shapes, twins and train steps of every
+model: tests/test_models_registry.py.
 """
 
 from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,22 +20,11 @@ from models import alexnet as alexnet_lib
 
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
-from modeltest import num_params, train_step  # noqa: E402
+from modeltest import num_params  # noqa: E402
 from parity import assert_logits_match  # noqa: E402  (needs torch)
 
-# sum(p.numel() for p in torchvision.models.<name>().parameters()), torchvision 0.29.1
-# (the same numbers are the `num_params` of torchvision's IMAGENET1K_V1 weight metadata).
-TORCHVISION_PARAMS = {
-    'alexnet': 61_100_840,
-    'vgg11': 132_863_336,
-    'vgg11_bn': 132_868_840,
-    'vgg13': 133_047_848,
-    'vgg13_bn': 133_053_736,
-    'vgg16': 138_357_544,
-    'vgg16_bn': 138_365_992,
-    'vgg19': 143_667_240,
-    'vgg19_bn': 143_678_248,
-}
+VGG_NAMES = tuple(f'vgg{d}{bn}' for d in (11, 13, 16, 19) for bn in ('', '_bn'))
+VGG11_BN_PARAMS = 132_868_840  # torchvision 0.29.1, sum(p.numel())
 # No reference implementation: the layer-table arithmetic of models/alexnet.py's docstring
 # (Krizhevsky et al. 2012 Fig. 2; OverFeat Tables 1 and 3) and the papers' own figures.
 PAPER_PARAMS = {
@@ -50,28 +39,7 @@ def _abstract(model, size, batch=1):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
 
 
-def _random_variables(model, size, seed=0):
-    """He-scaled random variables with the model's structure, without compiling ``init``."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == 'kernel':
-            fan_in = int(np.prod(s.shape[:-1]))
-            return rng.standard_normal(s.shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-        if name in ('scale', 'var'):
-            return np.ones(s.shape, np.float32)
-        return np.zeros(s.shape, np.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, _abstract(model, size))
-
-
 # --------------------------------------------------------------------------- param counts
-
-
-@pytest.mark.parametrize('name', sorted(TORCHVISION_PARAMS))
-def test_param_count_matches_torchvision(name):
-    assert num_params(_abstract(models.create_model(name), 64)['params']) == TORCHVISION_PARAMS[name]
 
 
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
@@ -87,7 +55,7 @@ def test_norm_twins_keep_counts_up_to_norm_params():
     # _bn == plain + BN scale/bias (torchvision keeps the conv biases); GN swaps BN 1:1.
     bn = _abstract(models.create_model('vgg11', norm='batch'), 32)
     gn = _abstract(models.create_model('vgg11', norm='group', weight_std=True), 32)
-    assert num_params(bn['params']) == num_params(gn['params']) == TORCHVISION_PARAMS['vgg11_bn']
+    assert num_params(bn['params']) == num_params(gn['params']) == VGG11_BN_PARAMS
     assert set(gn) == {'params'} and set(bn) == {'params', 'batch_stats'}
     # AlexNet family: a norm replaces each conv bias with a scale and an offset.
     plain = _abstract(models.create_model('alexnet_original'), 67)
@@ -180,7 +148,7 @@ def test_vgg_logits_match_torchvision(name, resolution, batch):
     assert_logits_match(name, getattr(torchvision.models, name)(), resolution=resolution, batch=batch)
 
 
-@pytest.mark.parametrize('name', sorted(n for n in TORCHVISION_PARAMS if n.startswith('vgg')))
+@pytest.mark.parametrize('name', VGG_NAMES)
 def test_vgg_name_maps_cover_torchvision_state_dicts(name):
     """Every variant's generated map: exported names and shapes == torchvision's, both ways."""
     with torch.device('meta'):
@@ -198,94 +166,8 @@ def test_vgg_name_maps_cover_torchvision_state_dicts(name):
     assert {k: v.shape for k, v in exported.items()} == want
 
 
-# ---------------------------------------------------------------- forward and backward
-
-
-@pytest.mark.parametrize(
-    'name, size, overrides',
-    [
-        ('alexnet_original', 67, {'norm': 'group', 'weight_std': True}),
-        ('alexnet', 64, {'norm': 'batch', 'drop_rate': 0.2}),
-        ('vgg11', 32, {'norm': 'group', 'weight_std': True}),
-        ('vgg11_bn', 32, {}),
-    ],
-)
-def test_forward_backward(name, size, overrides):
-    model = models.create_model(name, num_classes=10, **overrides)
-    variables = _random_variables(model, size)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
-    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
-    chex.assert_shape(logits, (2, 10))
-    assert logits.dtype == jnp.float32
-    chex.assert_tree_all_finite((loss, logits, grads))
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-    if model.norm == 'batch':
-        old = jax.tree.leaves(variables['batch_stats'])
-        new = jax.tree.leaves(updates['batch_stats'])
-        assert len(old) == len(new) > 0
-        assert all(not np.allclose(o, n) for o, n in zip(old, new, strict=True))
-    else:
-        assert 'batch_stats' not in variables and updates == {}
-
-
-def test_bfloat16_compute_keeps_float32_params_and_logits():
-    for name in ('alexnet_original', 'vgg11'):
-        model = models.create_model(name, dtype=jnp.bfloat16, norm='group')
-        variables = _abstract(model, 67)
-        assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-        logits, feats = jax.eval_shape(
-            functools.partial(model.apply, return_features=True), variables, jnp.zeros((1, 67, 67, 3))
-        )
-        assert logits.dtype == jnp.float32 and feats['stem'].dtype == jnp.bfloat16
-
-
-# ---------------------------------------------------------------------------- features
-
-
-@pytest.mark.parametrize(
-    'name, shapes',
-    [
-        (
-            'alexnet',
-            {
-                'stem': (27, 27, 64),
-                'stage1': (13, 13, 192),
-                'stage2': (13, 13, 384),
-                'stage3': (13, 13, 256),
-                'stage4': (6, 6, 256),
-            },
-        ),
-        (
-            'vgg16',
-            {
-                'stem': (112, 112, 64),
-                'stage1': (56, 56, 128),
-                'stage2': (28, 28, 256),
-                'stage3': (14, 14, 512),
-                'stage4': (7, 7, 512),
-            },
-        ),
-    ],
-)
-def test_num_classes_zero_and_return_features_shapes(name, shapes):
-    x = jnp.zeros((2, 224, 224, 3))
-    model = models.create_model(name)
-    variables = _abstract(model, 64)
-    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
-    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
-    assert {k: v.shape for k, v in feats.items()} == {
-        **{k: (2, *v) for k, v in shapes.items()},
-        'pre_logits': (2, 4096),
-    }
-    headless = models.create_model(name, num_classes=0)
-    head_vars = _abstract(headless, 64)
-    assert 'fc8' not in head_vars['params'] and 'fc7' in head_vars['params']
-    pooled = jax.eval_shape(functools.partial(headless.apply, train=False), head_vars, x)
-    assert pooled.shape == (2, 4096) and pooled.dtype == jnp.float32
-
-
 def test_registry_cfgs():
-    assert models.list_models('vgg*') == sorted(n for n in TORCHVISION_PARAMS if n.startswith('vgg'))
+    assert models.list_models('vgg*') == sorted(VGG_NAMES)
     assert models.get_model_cfg('alexnet').top1 == 56.522
     assert models.get_model_cfg('vgg16_bn').top1 == 73.360
     assert models.get_model_cfg('alexnet_original').input_size == (227, 227, 3)

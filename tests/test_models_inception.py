@@ -1,10 +1,10 @@
-"""Tests of the Inception families (models/inception.py, models/inception_v4.py).
+"""Tests of the Inception families (models/inception.py, inception_v3.py, inception_v4.py).
 
-Parameter counts against torchvision/timm (numbers hard-coded below, with their source),
-BN-Inception against its paper table, logits parity with converted random-init reference
-weights, forward/backward in both norm modes, feature shapes and the auxiliary heads.
-Parity runs at 299 px only for Inception v3 (the family's representative); the other
-models run at small odd resolutions to keep the file fast.
+The auxiliary heads' counts against torchvision/timm, BN-Inception against its paper
+table, logits parity with converted random-init reference weights (at 299 px only for
+Inception v3, the family's representative; the others at small odd resolutions) and the
+auxiliary heads. Counts, shapes, twins and train steps of every model:
+tests/test_models_registry.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 timm = pytest.importorskip('timm')
 
-from modeltest import num_params, train_step  # noqa: E402
+from modeltest import num_params, random_variables  # noqa: E402
 from parity import assert_logits_match, numpy_state_dict, randomize_norms  # noqa: E402
 
 # sum(p.numel() for p in m.parameters()) of the references, torch 2.14 / torchvision 0.29.1 /
@@ -33,36 +33,13 @@ from parity import assert_logits_match, numpy_state_dict, randomize_norms  # noq
 # timm.create_model('inception_v3' [, aux_logits=True]), timm 'inception_v4',
 # timm 'inception_resnet_v2'. googlenet and inception_v3 with aux equal torchvision's
 # documented num_params (6,624,904 and 27,161,264).
-REFERENCE_PARAMS = {
-    ('googlenet', False): 6_624_904,
-    ('googlenet', True): 13_004_888,
-    ('inception_v3', False): 23_834_568,
-    ('inception_v3', True): 27_161_264,
-    ('inception_v4', False): 42_679_816,
-    ('inception_resnet_v2', False): 55_843_464,
-}
-SMALL = {'googlenet': 64, 'bn_inception': 64, 'inception_v3': 75, 'inception_v4': 75, 'inception_resnet_v2': 75}
+# (Without the auxiliary heads, and for Inception-v4 / -ResNet-v2: the README table.)
+AUX_PARAMS = {'googlenet': 13_004_888, 'inception_v3': 27_161_264}
+SMALL = {'googlenet': 64, 'inception_v3': 75}
 
 
 def _abstract_variables(model, size, batch=1):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3)), train=False))
-
-
-def _random_variables(model, size, seed=0):
-    """Concrete variables with the model's structure, without compiling ``init``."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name == 'var':
-            return (rng.random(s.shape) + 0.5).astype(s.dtype)
-        if name == 'scale':
-            return (rng.random(s.shape) + 0.5).astype(s.dtype)
-        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
-        std = math.sqrt(2.0 / fan_in) if len(s.shape) > 1 else 0.1
-        return (rng.standard_normal(s.shape) * std).astype(s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, _abstract_variables(model, size))
 
 
 def _he_reinit(torch_model) -> None:
@@ -78,18 +55,10 @@ def _he_reinit(torch_model) -> None:
 # --------------------------------------------------------------------------- param counts
 
 
-@pytest.mark.parametrize('name, aux', sorted(REFERENCE_PARAMS))
-def test_param_count_matches_reference(name, aux):
-    kwargs = {'aux_logits': True} if aux else {}
-    model = models.create_model(name, **kwargs)
-    variables = _abstract_variables(model, SMALL[name])
-    assert num_params(variables['params']) == REFERENCE_PARAMS[name, aux]
-    if not aux:
-        twin = models.create_model(name, norm='group', weight_std=True)
-        twin_vars = _abstract_variables(twin, SMALL[name])
-        # GN scale/bias replace BN scale/bias one for one; no batch_stats.
-        assert set(twin_vars) == {'params'}
-        assert num_params(twin_vars['params']) == REFERENCE_PARAMS[name, aux]
+@pytest.mark.parametrize('name', sorted(AUX_PARAMS))
+def test_aux_head_param_count_matches_reference(name):
+    variables = _abstract_variables(models.create_model(name, aux_logits=True), SMALL[name])
+    assert num_params(variables['params']) == AUX_PARAMS[name]
 
 
 def _figure5_param_count(num_classes: int) -> int:
@@ -193,92 +162,12 @@ def test_inception_v4_family_parity(name):
 
 def test_bn_inception_state_dict_round_trip():
     model = models.create_model('bn_inception')
-    variables = _random_variables(model, 64)
+    variables = random_variables(model, (1, 64, 64, 3))
     state_dict = models.export_state_dict('bn_inception', variables)
     assert state_dict['inception3c.branch3.2.conv.weight'].shape == (96, 96, 3, 3)
     assert state_dict['inception5b.branch4.1.bn.running_var'].shape == (128,)
     assert 'inception3c.branch1.conv.weight' not in state_dict  # stride-2 modules: no 1x1
     chex.assert_trees_all_equal(models.convert_state_dict('bn_inception', state_dict), variables)
-
-
-# ---------------------------------------------------------------- forward and backward
-
-
-_IRV2_SHORT = tuple(
-    tuple(row[:3] + (min(row[3], 1),) + row[4:] for row in stage)
-    for stage in inception_v4.INCEPTION_RESNET_V2_STAGES
-)
-
-
-@pytest.mark.parametrize(
-    'name, overrides',
-    [
-        ('googlenet', {}),
-        ('bn_inception', {'norm': 'group', 'weight_std': True}),
-        # One residual unit per stage (the stage table is a field): compiling the gradient
-        # of all 40 units costs minutes on CPU; the block code is the same.
-        (
-            'inception_resnet_v2',
-            {'norm': 'group', 'weight_std': True, 'drop_path_rate': 0.2, 'stages': _IRV2_SHORT},
-        ),
-    ],
-)
-def test_forward_backward(name, overrides):
-    model = models.create_model(name, num_classes=10, **overrides)
-    size = SMALL[name]
-    variables = _random_variables(model, size)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, size, size, 3)), jnp.float32)
-    loss, logits, updates, grads = train_step(model, variables, x, jnp.array([1, 3]))
-    chex.assert_shape(logits, (2, 10))
-    assert logits.dtype == jnp.float32
-    chex.assert_tree_all_finite((loss, logits, grads))
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
-    if model.norm == 'batch':
-        old, new = jax.tree.leaves(variables['batch_stats']), jax.tree.leaves(updates['batch_stats'])
-        assert len(old) == len(new) > 0
-        assert all(not np.allclose(o, n) for o, n in zip(old, new, strict=True))
-    else:
-        assert 'batch_stats' not in variables and updates == {}
-
-
-# ---------------------------------------------------------------------------- features
-
-FEATURE_SHAPES = {
-    # name: (resolution, {feature: shape without batch})
-    'googlenet': (224, {'stem': (28, 28, 192), 'stage1': (28, 28, 480), 'stage2': (14, 14, 832),
-                        'stage3': (7, 7, 1024), 'pre_logits': (1024,)}),
-    'inception_v3': (299, {'stem': (35, 35, 192), 'stage1': (35, 35, 288), 'stage2': (17, 17, 768),
-                           'stage3': (8, 8, 2048), 'pre_logits': (2048,)}),
-    'inception_v4': (299, {'stem': (35, 35, 384), 'stage1': (35, 35, 384), 'stage2': (17, 17, 1024),
-                           'stage3': (8, 8, 1536), 'pre_logits': (1536,)}),
-    'inception_resnet_v2': (299, {'stem': (35, 35, 320), 'stage1': (35, 35, 320),
-                                  'stage2': (17, 17, 1088), 'stage3': (8, 8, 1536),
-                                  'pre_logits': (1536,)}),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize('name', sorted(FEATURE_SHAPES))
-def test_return_features_and_headless(name):
-    size, shapes = FEATURE_SHAPES[name]
-    model = models.create_model(name)
-    x = jnp.zeros((2, size, size, 3))
-    variables = _abstract_variables(model, SMALL[name])
-    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, x)
-    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
-    assert {k: v.shape[1:] for k, v in feats.items()} == shapes
-    headless = models.create_model(name, num_classes=0)
-    head_vars = _abstract_variables(headless, SMALL[name])
-    pooled = jax.eval_shape(headless.apply, head_vars, x)
-    assert pooled.shape == (2, shapes['pre_logits'][0]) and pooled.dtype == jnp.float32
-    assert num_params(head_vars['params']) == num_params(variables['params']) - 1000 * (shapes['pre_logits'][0] + 1)
-
-
-def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = models.create_model('inception_v4', dtype=jnp.bfloat16)
-    variables = _abstract_variables(model, 75)
-    assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    logits, feats = jax.eval_shape(functools.partial(model.apply, return_features=True), variables, jnp.zeros((1, 75, 75, 3)))
-    assert logits.dtype == jnp.float32 and feats['stage3'].dtype == jnp.bfloat16
 
 
 def test_registry_cfgs():

@@ -70,6 +70,7 @@ def test_optimizer_with_adaptive_gradient_clipping_clips_units():
     from trainers import optim
 
     config = ml_collections.ConfigDict(dict(
+        model='resnet18',  # its declared classifier is 'fc'
         batch_size=8, num_train_steps=10, learning_rate=1.0, lr_base_batch_size=0,
         schedule=dict(name='constant', warmup_steps=0), grad_clip_norm=0.0,
         optimizer=dict(name='sgd', momentum=0.0, weight_decay=0.0, agc_clipping=0.01),

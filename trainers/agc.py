@@ -18,29 +18,40 @@ paper's exclusion of the classifier through ``optax.masked``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from typing import Any
 
-import jax
 import optax
+from flax import traverse_util
 
-# Top-level module names of the classifier in this zoo's families (ResNet/NFNet 'fc',
-# DenseNet 'classifier', timm-style 'head').
+# Top-level module names of the classifier in most families (ResNet/NFNet 'fc', DenseNet
+# 'classifier', timm-style 'head'); a model's own declaration (`classifier_mask`) is exact.
 CLASSIFIER_NAMES: tuple[str, ...] = ('fc', 'classifier', 'head')
 
 
 def skip_classifier_mask(
-    params: Any, classifier_names: Collection[str] = CLASSIFIER_NAMES
+    params: Any, classifier_paths: Collection[str] = CLASSIFIER_NAMES
 ) -> Any:
-    """True for every parameter except those under a top-level classifier module.
+    """True for every parameter except those under a classifier module.
 
     Args:
         params: the model's ``params`` tree (a nested dict).
-        classifier_names: top-level keys whose subtrees are not clipped.
+        classifier_paths: module paths (``'fc'``, ``'head/fc'``) whose subtrees are not
+            clipped.
     """
-    return {
-        k: jax.tree.map(lambda _, clip=k not in classifier_names: clip, v) for k, v in params.items()
-    }
+    prefixes = [tuple(p.split('/')) for p in classifier_paths]
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {k: not any(k[:len(p)] == p for p in prefixes) for k in flat})
+
+
+def classifier_mask(model_name: str) -> Callable[[Any], Any]:
+    """The AGC mask of a registered model: its declared classifier
+    (`models.classifier_paths`, from the model's ModelCfg) is not clipped."""
+    import models  # noqa: PLC0415 - the optimizer module stays importable without the zoo
+
+    return functools.partial(skip_classifier_mask, classifier_paths=models.classifier_paths(model_name))
 
 
 def adaptive_grad_clip(

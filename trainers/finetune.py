@@ -218,18 +218,13 @@ def matches(patterns: Sequence[re.Pattern[str]], key: Path) -> bool:
 
 
 def head_keys(model_name: str, num_classes: int, **overrides) -> set[Path]:
-    """The classifier: variables whose shape changes with `num_classes` (any family)."""
+    """The classifier's variables: those under the model's declared classifier
+    (`models.classifier_paths`, its ModelCfg; the registry's tests hold each declaration
+    to exactly the variables whose shapes change with `num_classes`)."""
     h, w, c = models.get_model_cfg(model_name).input_size
-
-    def shapes(n: int) -> dict[Path, tuple[int, ...]]:
-        model = models.create_model(model_name, num_classes=n, **overrides)
-        tree = jax.eval_shape(
-            lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, c)), train=False)
-        )
-        return {k: x.shape for k, x in traverse_util.flatten_dict(tree).items()}
-
-    a, b = shapes(num_classes), shapes(num_classes + 1)
-    return {k for k in a if a[k] != b.get(k)}
+    model = models.create_model(model_name, num_classes=num_classes, **overrides)
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, h, w, c)), train=False))
+    return {k for k in traverse_util.flatten_dict(tree) if models.in_classifier(model_name, k[1:])}
 
 
 @dataclasses.dataclass

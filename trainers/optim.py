@@ -117,9 +117,10 @@ def create_optimizer(
     parts = []
     if oc.get('agc_clipping', 0.0):
         # NFNets: unit-wise adaptive clipping instead of (or before) global-norm clipping.
-        from trainers.agc import adaptive_grad_clip
+        from trainers.agc import adaptive_grad_clip, classifier_mask
 
-        parts.append(adaptive_grad_clip(oc.agc_clipping, eps=oc.get('agc_eps', 1e-3)))
+        parts.append(adaptive_grad_clip(oc.agc_clipping, eps=oc.get('agc_eps', 1e-3),
+                                        mask=classifier_mask(config.model)))
     if config.get('grad_clip_norm', 0.0):
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if name in ('sgd', 'rmsprop_tf') and wd:
