@@ -23,7 +23,7 @@ FIELDS = (
     'data', 'seed', 'batch_size', 'eval_batch_size', 'num_train_steps', 'log_every_steps',
     'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints', 'optimizer',
     'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing', 'ema_decay',
-    'grad_clip_norm', 'compute_dtype', 'shard_params', 'compilation_cache_dir',
+    'grad_clip_norm', 'compute_dtype', 'remat', 'shard_params', 'compilation_cache_dir',
     'prefetch_to_device',
 )
 # The fields an experiment may leave out of `supervised_config`, at these values.
@@ -31,6 +31,9 @@ DEFAULTS = dict(
     trainer='supervised', train_split='train', seed=0,
     label_smoothing=0.0, ema_decay=0.0, grad_clip_norm=0.0,
     compute_dtype='float32', shard_params=False, prefetch_to_device=2,
+    # 'block': recompute each block's activations in the backward pass (less memory, one
+    # more forward pass; the same numbers). See models.layers.ImageClassifier.remat.
+    remat='none',
     # JAX's persistent compilation cache: a second run of the same program skips XLA
     # compilation. None: the per-user default (~/.cache/flaxnets/jax); '' turns it off.
     compilation_cache_dir=None,

@@ -273,6 +273,8 @@ class AlexNet(layers.ImageClassifier):
         spec: the layer table.
     """
 
+    REMAT = ('none',)  # no blocks to rematerialise
+
     spec: NetSpec
     norm: str = layers.kw_only('none')
     drop_rate: float = layers.kw_only(0.5)

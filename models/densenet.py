@@ -189,7 +189,7 @@ class DenseNet(layers.ImageClassifier):
 
         last = len(self.block_config) - 1
         for i, num_layers in enumerate(self.block_config):
-            x = DenseBlock(
+            x = self.run_block(DenseBlock(
                 num_layers,
                 self.growth_rate,
                 self.bn_size,
@@ -197,7 +197,7 @@ class DenseNet(layers.ImageClassifier):
                 norm,
                 self.block_drop_rate,
                 name=f'denseblock{i + 1}',
-            )(x, train)
+            ), x, train)
             features[f'stage{i + 1}'] = x
             if i != last:
                 width = int(x.shape[-1] * self.compression)

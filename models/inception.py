@@ -298,7 +298,7 @@ class GoogLeNet(layers.ImageClassifier):
             elif s == 2:
                 x = max_pool(x, 2, 2, ceil_mode=True, mode=self.padding)
             for name, *widths in stage:
-                x = InceptionV1Block(tuple(widths), conv, norm, name=name)(x)
+                x = self.run_block(InceptionV1Block(tuple(widths), conv, norm, name=name), x)
                 # Aux heads tap the outputs of 4a and 4d (Szegedy et al. 2015, Sec. 5).
                 if run_aux and name in ('inception4a', 'inception4d'):
                     key = 'aux1' if name == 'inception4a' else 'aux2'
@@ -393,9 +393,9 @@ class BNInception(layers.ImageClassifier):
         features['stem'] = x
         for s, stage in enumerate(self.stages):
             for name, strides, c1, r3, c3, rd, d3, pool_kind, pp in stage:
-                x = BNInceptionBlock(
+                x = self.run_block(BNInceptionBlock(
                     strides, (c1, r3, c3, rd, d3, pp), pool_kind, conv, norm, self.padding, name=name
-                )(x)
+                ), x)
             features[f'stage{s + 1}'] = x
         return x
 

@@ -249,7 +249,7 @@ class InceptionV3(layers.ImageClassifier):
         for s, stage in enumerate(self.stages):
             for name, kind, width in stage:
                 args = (width,) if kind in ('A', 'C') else ()
-                x = _V3_BLOCKS[kind](*args, conv=conv, norm=norm, name=name)(x)
+                x = self.run_block(_V3_BLOCKS[kind](*args, conv=conv, norm=norm, name=name), x)
             if s == 1 and run_aux:
                 aux = InceptionV3Aux(self.num_classes, conv, norm, self.dtype, name='AuxLogits')(x, train)
                 if train and not self.is_initializing():

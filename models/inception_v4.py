@@ -303,9 +303,10 @@ class InceptionV4(layers.ImageClassifier):
             for block, repeats in stage:
                 for _ in range(repeats):
                     if block == 'inception_c':
-                        x = InceptionV4C(conv, norm, name=f'features_{index}')(x)
+                        module = InceptionV4C(conv, norm, name=f'features_{index}')
                     else:
-                        x = Branches(INCEPTION_V4_BLOCKS[block], conv, norm, name=f'features_{index}')(x)
+                        module = Branches(INCEPTION_V4_BLOCKS[block], conv, norm, name=f'features_{index}')
+                    x = self.run_block(module, x)
                     index += 1
             features[f'stage{s + 1}'] = x
         return x
@@ -377,14 +378,14 @@ class InceptionResNetV2(layers.ResidualClassifier):
             nonlocal unit
             rate = self.drop_path_at(unit, n_units)
             unit += 1
-            return ResidualBlock(
+            return self.run_block(ResidualBlock(
                 blocks[block], scale, conv, proj_conv, norm, rate, activate, name=name
-            )(x, train)
+            ), x, train)
 
         for s, stage in enumerate(self.stages):
             for _, ours, block, repeats, scale in stage:
                 if not block.startswith('block'):
-                    x = Branches(blocks[block], conv, norm, name=ours)(x)
+                    x = self.run_block(Branches(blocks[block], conv, norm, name=ours), x)
                     continue
                 for i in range(repeats):
                     x = residual(x, block, scale, f'{ours}_{i}')

@@ -454,6 +454,9 @@ class SqueezeExcite(nn.Module):
 # ------------------------------------------------------------------------- model contract
 
 
+REMAT_MODES = ('none', 'block')
+
+
 class ModelFieldError(UserError, ValueError):
     """A model field set to a value the model cannot take; the message names the model,
     the field, the value and the valid values."""
@@ -497,6 +500,12 @@ class ImageClassifier(nn.Module):
         padding: padding mode of the padded convs and pools, ``'symmetric'`` (PyTorch's
             explicit pads) or ``'tf_same'`` (see :func:`get_padding`); unpadded layers stay
             unpadded in both modes.
+        remat: ``'none'``, or ``'block'``: every block (residual or MBConv block, dense
+            block, Inception module, cell: what the family runs through :meth:`run_block`)
+            keeps only its input for the backward pass and recomputes its insides there
+            (``nn.remat``). Same parameters, same numbers, less activation memory for one
+            more forward pass. A family without blocks (:attr:`REMAT` ``('none',)``)
+            refuses ``'block'``.
     """
 
     num_classes: int = kw_only(1000)
@@ -506,8 +515,11 @@ class ImageClassifier(nn.Module):
     dtype: Dtype = kw_only(jnp.float32)
     drop_rate: float = kw_only(0.0)
     padding: str = kw_only('symmetric')
+    remat: str = kw_only('none')
 
     HEAD: ClassVar[str] = 'fc'
+    # The remat modes the family supports: ('none',) where it has no blocks.
+    REMAT: ClassVar[Sequence[str]] = REMAT_MODES
     # (kernel_init, bias_init) of the classifier; None: torch.nn.Linear's.
     HEAD_INIT: ClassVar[tuple[Callable[..., Any] | None, Callable[..., Any] | None]] = (None, None)
     # Family fields with a fixed set of valid values: field -> valid values.
@@ -520,7 +532,8 @@ class ImageClassifier(nn.Module):
     def check_fields(self) -> None:
         """Raises :class:`ModelFieldError` for the first field outside its valid values (a
         family with structural constraints extends this)."""
-        for field, valid in {'norm': NORMS, 'padding': MODEL_PADDING_MODES, **self.CHOICES}.items():
+        choices = {'norm': NORMS, 'padding': MODEL_PADDING_MODES, 'remat': self.REMAT, **self.CHOICES}
+        for field, valid in choices.items():
             if getattr(self, field) not in valid:
                 raise self.invalid(field, ', '.join(map(repr, valid)))
         for field, (low, high) in _FIELD_BOUNDS.items():
@@ -541,6 +554,20 @@ class ImageClassifier(nn.Module):
     def make_norm(self, train: bool, **kwargs: Any) -> Callable[..., nn.Module]:
         """:func:`norm_factory` for this model's ``norm``, ``dtype`` and ``gn_groups``."""
         return norm_factory(self.norm, train, self.dtype, groups=self.gn_groups, **kwargs)
+
+    def run_block(self, block: nn.Module, *args: Any) -> Any:
+        """``block(*args)``, under ``nn.remat`` when ``remat == 'block'``: the arrays among
+        ``args`` are the rematerialised function's inputs, the rest (``train``, flags) stay
+        Python values. Parameter paths are the block's either way."""
+        if self.remat == 'none':
+            return block(*args)
+        is_array = [isinstance(a, jax.Array) for a in args]
+
+        def call(module: nn.Module, *arrays: jax.Array) -> Any:
+            it = iter(arrays)
+            return module(*(next(it) if array else a for a, array in zip(args, is_array, strict=False)))
+
+        return nn.remat(call)(block, *(a for a, array in zip(args, is_array, strict=False) if array))
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
@@ -601,7 +628,7 @@ class ResidualClassifier(ImageClassifier):
         total, index = sum(depths), 0
         for stage, depth in enumerate(depths):
             for b in range(depth):
-                x = block(stage, b, self.drop_path_at(index, total))(x, train)
+                x = self.run_block(block(stage, b, self.drop_path_at(index, total)), x, train)
                 index += 1
             features[f'stage{stage + 1}'] = x
         return x

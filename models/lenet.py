@@ -188,6 +188,8 @@ class LeNet5(layers.ImageClassifier):
     Inputs: (B, H, W, 1), H and W >= 12 (32 as in the paper).
     """
 
+    REMAT = ('none',)  # no blocks to rematerialise
+
     num_classes: int = layers.kw_only(10)
     norm: str = layers.kw_only('none')
 

@@ -329,7 +329,7 @@ def mobile_body(
                 in_ch = x.shape[-1]
                 mid = layers.make_divisible(in_ch * row.exp) if row.kind == 'ir' else in_ch
                 se_width = _se_width(mid, row.se, row.exp, spec.se_from_exp, spec.se_rounding) if row.se else 0
-                x = MobileBlock(
+                x = model.run_block(MobileBlock(
                     kind=row.kind,
                     features=layers.make_divisible(row.out * spec.width),
                     kernel=row.kernel,
@@ -343,7 +343,7 @@ def mobile_body(
                     norm=norm,
                     drop_path_rate=model.drop_path_rate * flat / n_blocks,
                     name=names.block(s, index, flat),
-                )(x, train)
+                ), x, train)
                 index += 1
                 flat += 1
         features[f'stage{s + 1}'] = x

@@ -272,7 +272,10 @@ class NASNet(layers.ResidualClassifier):
         def rate(index: int) -> float:
             return self.drop_path_rate * (index + 1) / total_cells
 
-        cell = functools.partial(Cell, conv=conv, norm=norm, padding=self.padding)
+        def cell(*spec, **kwargs):
+            # A cell is called as cell(...)(x, x_prev, train), through run_block (remat).
+            module = Cell(*spec, conv=conv, norm=norm, padding=self.padding, **kwargs)
+            return functools.partial(self.run_block, module)
 
         x0 = norm(name="conv0_bn")(conv(self.stem_filters, 3, 2, padding="valid", name="conv0_conv")(x))
         s0 = cell(self.reduction_cell, filters // 4, prev="none", name="cell_stem_0")(x0, x0, train)

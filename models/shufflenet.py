@@ -157,7 +157,7 @@ class ShuffleNetV2(layers.ImageClassifier):
         features["stem"] = x
         for s, (repeats, width) in enumerate(zip(self.stage_repeats, self.widths[1:4], strict=True)):
             for b in range(repeats):
-                x = InvertedResidual(width, 2 if b == 0 else 1, conv, norm, name=f"stage{s + 2}_{b}")(x)
+                x = self.run_block(InvertedResidual(width, 2 if b == 0 else 1, conv, norm, name=f"stage{s + 2}_{b}"), x)
             features[f"stage{s + 1}"] = x
         return nn.relu(norm(name="conv5_bn")(conv(self.widths[4], 1, name="conv5_conv")(x)))
 

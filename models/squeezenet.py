@@ -145,7 +145,7 @@ class SqueezeNet(layers.ImageClassifier):
                 x = _max_pool_ceil(x, self.padding)
                 index += 1
             for squeeze, e1, e3 in stage:
-                x = Fire(squeeze, e1, e3, conv, norm, name=f'features_{index}')(x)
+                x = self.run_block(Fire(squeeze, e1, e3, conv, norm, name=f'features_{index}'), x)
                 index += 1
             features[f'stage{s + 1}'] = x
         return x

@@ -89,6 +89,8 @@ class VGG(layers.ImageClassifier):
         widths: channels per block.
     """
 
+    REMAT = ('none',)  # no blocks to rematerialise
+
     depths: tuple[int, ...]
     widths: tuple[int, ...] = VGG_WIDTHS
     norm: str = layers.kw_only('none')

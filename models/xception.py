@@ -205,9 +205,9 @@ class Xception(layers.ResidualClassifier):
         ends = _stage_ends(tuple(b.strides for b in self.blocks))
         stage = 1
         for i, cfg in enumerate(self.blocks):
-            x = LegacyXceptionBlock(
+            x = self.run_block(LegacyXceptionBlock(
                 cfg, conv, norm, self.drop_path_at(i, n), self.padding, name=f"block{i + 1}"
-            )(x, train)
+            ), x, train)
             if ends[i]:
                 features[f"stage{stage}"] = x
                 stage += 1
@@ -284,7 +284,7 @@ class XceptionAligned(layers.ResidualClassifier):
         ends = _stage_ends(tuple(b.strides for b in self.blocks))
         stage = 1
         for i, cfg in enumerate(self.blocks):
-            x = AlignedXceptionBlock(cfg, conv, norm, self.drop_path_at(i, n), name=f"blocks_{i}")(x, train)
+            x = self.run_block(AlignedXceptionBlock(cfg, conv, norm, self.drop_path_at(i, n), name=f"blocks_{i}"), x, train)
             if ends[i]:
                 features[f"stage{stage}"] = x
                 stage += 1

@@ -148,6 +148,8 @@ def test_effnet_b0_config_one_step_under_mock_data(tmp_path):
     config.batch_size = 2
     config.eval_batch_size = 2
     config.image_size = 64
+    # The same blocks, fewer and narrower: full-depth B0 compiles for a minute here.
+    config.model_kwargs.depth_mult, config.model_kwargs.width_mult = 0.3, 0.25
     config.data.data_dir = str(tmp_path / 'tfds')
     with tfds.testing.mock_data(num_examples=4):
         results = supervised.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -346,6 +346,8 @@ def test_cifar10_4k_config_one_step_under_mock_data(tmp_path):
     config.unlabeled_ratio = 1.0
     config.eval_batch_size = 4
     config.image_size = 16
+    # WRN-10-2: the same blocks, one per group (WRN-28-2's joint step compiles for a minute).
+    config.model_kwargs.depth = config.teacher_model_kwargs.depth = 10
     config.data.data_dir = str(tmp_path / 'tfds')
     with tfds.testing.mock_data(num_examples=64):
         results = mpl.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -177,6 +177,9 @@ def test_imagenet_effnet_b0_config_one_step_under_mock_data(tmp_path):
     data_dir = str(tmp_path / 'tfds')
     config.data.data_dir = config.teacher.data.data_dir = data_dir
     config.image_size = 32
+    # The same blocks, fewer and narrower: full-depth B0 compiles for minutes here.
+    for kwargs in (config.model_kwargs, config.teacher.model_kwargs):
+        kwargs.depth_mult, kwargs.width_mult = 0.3, 0.25
     config.batch_size = 2
     config.eval_batch_size = 2
     config.num_train_steps = config.teacher.num_train_steps = 1

@@ -27,7 +27,7 @@ SUPERVISED_KEYS = frozenset({
     'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'optimizer', 'learning_rate', 'lr_base_batch_size', 'schedule', 'label_smoothing',
     'ema_decay', 'grad_clip_norm', 'compute_dtype', 'shard_params', 'prefetch_to_device',
-    'labeled_per_class', 'compilation_cache_dir',
+    'labeled_per_class', 'compilation_cache_dir', 'remat',
     # Fine-tuning (trainers/finetune.py) and the BiT-HyperRule (trainers/hyperrule.py).
     'init_from', 'init_from_step', 'init_from_hub', 'finetune', 'hyperrule',
 })
@@ -43,10 +43,10 @@ REPLAY_FIELDS = ('trainer', 'model', 'model_kwargs', 'dataset', 'train_split', '
                  'teacher_model_kwargs', 'unlabeled_dataset', 'unlabeled_split', 'unlabeled_ratio',
                  'noisy_student', 'mpl', 'uda', 'init_from', 'init_from_hub', 'finetune')
 # Fields a continuation may change freely (logged): schedules of logging and saving, the
-# length of the run and where compilations are cached.
+# length of the run, where compilations are cached and remat (the same numbers).
 HARMLESS_FIELDS = ('num_train_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                    'keep_checkpoints', 'eval_batch_size', 'eval_split', 'compilation_cache_dir',
-                   'prefetch_to_device')
+                   'prefetch_to_device', 'remat')
 
 
 def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
@@ -106,6 +106,7 @@ def _enum_rules() -> tuple[tuple[str, tuple[str, ...]], ...]:
 
     return (
         ('compute_dtype', tuple(core.DTYPES)),
+        ('remat', ('none', 'block')),
         ('optimizer.name', tuple(optim.OPTIMIZERS)),
         ('schedule.name', tuple(optim.SCHEDULES)),
         ('teacher_optimizer.name', tuple(optim.OPTIMIZERS)),

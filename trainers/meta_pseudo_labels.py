@@ -277,10 +277,11 @@ def _initial_state(config, teacher_model, student_model, t_tx, s_tx, input_shape
 def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
     dtype, total, split = core.compute_dtype(config), config.num_train_steps, config.eval_split
     image_size, channels = config.get('image_size') or s_cfg.input_size[0], s_cfg.input_size[2]
+    remat = config.get('remat', 'none')
     student_model = models.create_model(config.model, num_classes=info.num_classes, dtype=dtype,
-                                        **configuration.model_overrides(config))
+                                        remat=remat, **configuration.model_overrides(config))
     teacher_model = models.create_model(config.teacher_model, num_classes=info.num_classes, dtype=dtype,
-                                        **configuration.model_overrides(config, 'teacher_model_kwargs'))
+                                        remat=remat, **configuration.model_overrides(config, 'teacher_model_kwargs'))
     mesh = core.create_mesh()
     sharding = core.batch_sharding(mesh)
     s_schedule = student_schedule(config)

@@ -56,6 +56,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
         config.model,
         num_classes=info.num_classes,
         dtype=core.compute_dtype(config),
+        remat=config.get('remat', 'none'),
         **configuration.model_overrides(config),
     )
     core.check_batch_size('config.batch_size', config.batch_size)
