@@ -1,5 +1,6 @@
 """ImageNet-scale input: random access over ArrayRecord, windowed JPEG decoding, the benchmark."""
 
+import argparse
 import hashlib
 import io
 import itertools
@@ -193,13 +194,23 @@ def test_benchmark_tool_on_a_small_jpeg_tree(tmp_path):
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'tools', 'benchmark_input.py'),
          '--dataset', f'folder:{tmp_path}', '--workers', '1', '--batch-size', '4',
-         '--image-size', '32', '--batches', '1', '--warmup', '1', '--repeats', '1', '--json'],
+         '--image-size', '32', '--batches', '1', '--warmup', '1', '--repeats', '1', '--grain', '--json'],
         capture_output=True, text=True, timeout=300, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     rows = {(r['pipeline'], r['stage']): r for r in report['results']}
-    assert set(rows) == {(p, s) for p in ('flaxnets', 'torchvision') for s in ('train', 'eval')}
+    assert set(rows) == {(p, s) for p in ('flaxnets', 'torchvision', 'grain') for s in ('train', 'eval')}
     assert all(r['images_per_s'] > 0 and r['images_per_cpu_s'] > 0 for r in rows.values())
-    assert {(r['stage'], r['workers']) for r in report['ratios']} == {('train', 1), ('eval', 1)}
+    assert {(r['versus'], r['stage'], r['workers']) for r in report['ratios']} == {
+        (other, stage, 1) for other in ('torchvision', 'grain') for stage in ('train', 'eval')}
+    # Grain's batches hold what ours do: normalised 32 px RGB images and their labels.
+    args = argparse.Namespace(dataset=f'folder:{tmp_path}', data_dir=None, image_size=32, crop_pct=0.875,
+                              batch_size=4)
+    for train in (True, False):
+        iterator = benchmark_input._grain_iterator(args, 'train', train, 1, 0)
+        images, labels = next(iterator)
+        iterator.close()
+        assert images.shape == (4, 32, 32, 3) and images.dtype == np.float32
+        assert abs(float(images.mean())) < 3 and set(labels.tolist()) <= {0, 1, 2}
 
 
 def test_two_processes_resume_a_one_process_run_on_array_record(tmp_path):

@@ -12,7 +12,12 @@ normalisation) and eval batches (resize the shorter side, centre crop) of any da
 map's threads). For a `folder:` dataset the same is timed, interleaved in the same
 process, for torchvision: `ImageFolder` + `RandomResizedCrop` + `RandomHorizontalFlip`
 (train) or `Resize` + `CenterCrop` (eval), `ToTensor` and `Normalize`, through a
-`DataLoader` with N worker processes (`--no-torchvision` skips it).
+`DataLoader` with N worker processes (`--no-torchvision` skips it). `--grain` also
+times Grain (https://github.com/google/grain) over the same random-access source (a
+`folder:` tree's files, or a tfds split's ArrayRecord records): the same recipe in PIL and
+NumPy per example, batches made in N worker processes (`mp_prefetch`). It is the library
+the input issue named; we read the source by index with tf.data instead because its
+native JPEG ops decode only the crop window, and this comparison measures that choice.
 
 Each measurement builds a fresh iterator, takes `--warmup` batches, then times
 `--batches` batches: images/s is wall time, images per CPU-second divides by the CPU
@@ -30,11 +35,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
+import math
 import os
 import statistics
 import sys
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -163,6 +172,116 @@ def _torchvision_iterator(args, split: str, train: bool, workers: int, repeat: i
     return endless()
 
 
+class _EncodedImages:
+    """A split as Grain's random-access data source: (encoded image bytes, label) by index."""
+
+    def __init__(self, source):
+        self.source = source
+        labels = source.labels
+        self.labels = np.asarray(labels() if callable(labels) else labels)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.source.encoded(int(i)), int(self.labels[i])
+
+
+def _pil_rgb(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    return image.convert('RGB') if image.mode != 'RGB' else image
+
+
+def _normalised(image, size: int) -> np.ndarray:
+    pixels = np.asarray(image, dtype=np.float32).reshape(size, size, 3)
+    return (pixels / 255.0 - np.asarray(MEAN, np.float32)) / np.asarray(STD, np.float32)
+
+
+class _GrainTrain:
+    """Random-resized crop (area 8-100%, aspect 3/4-4/3, ten tries, then the centre), flip,
+    normalise: the same recipe as ours and torchvision's, in PIL and NumPy per example."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, example, rng: np.random.Generator):
+        from PIL import Image
+
+        data, label = example
+        image = _pil_rgb(data)
+        w, h = image.size
+        box = None
+        for _ in range(10):
+            area = rng.uniform(0.08, 1.0) * w * h
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < cw <= w and 0 < ch <= h:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                box = (x0, y0, x0 + cw, y0 + ch)
+                break
+        if box is None:
+            side = min(w, h)
+            box = ((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2)
+        # PIL crops and resizes in one call when given the box.
+        image = image.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return _normalised(image, self.size), label
+
+
+class _GrainEval:
+    """Resize the shorter side to size / crop_pct, centre crop, normalise."""
+
+    def __init__(self, size: int, crop_pct: float):
+        self.size, self.resize = size, math.floor(size / crop_pct)
+
+    def __call__(self, example):
+        from PIL import Image
+
+        data, label = example
+        image = _pil_rgb(data)
+        w, h = image.size
+        scale = self.resize / min(w, h)
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        w, h = image.size
+        x0, y0 = (w - self.size) // 2, (h - self.size) // 2
+        return _normalised(image.crop((x0, y0, x0 + self.size, y0 + self.size)), self.size), label
+
+
+def _grain_iterator(args, split: str, train: bool, workers: int, repeat: int):
+    """Grain over the same random-access source as ours (files of a `folder:` tree, or a
+    tfds split's ArrayRecord records), the per-example work in PIL and NumPy, whole batches
+    made in `workers` worker processes (`mp_prefetch`, Grain's way to scale a CPU-bound map)."""
+    import grain.python as grain
+    from absl import flags
+
+    import input_pipeline
+
+    if not flags.FLAGS.is_parsed():  # Grain reads its options from absl flags
+        flags.FLAGS.mark_as_parsed()
+
+    config = input_pipeline.default_data_config()
+    config.data_dir = args.data_dir
+    source = _EncodedImages(input_pipeline.load_source(config, args.dataset, split))
+    if len(source) == 0 or source.source.encoded(0) is None:
+        raise SystemExit(f'error: --grain needs encoded images by index (a folder: tree or a '
+                         f'tfds split in ArrayRecord files); {args.dataset} {split} has none.')
+    dataset = grain.MapDataset.source(source)
+    if train:
+        dataset = dataset.shuffle(seed=repeat).repeat().random_map(_GrainTrain(args.image_size), seed=repeat)
+    else:
+        dataset = dataset.repeat().map(_GrainEval(args.image_size, args.crop_pct))
+    dataset = dataset.batch(args.batch_size, drop_remainder=True)
+    iterable = dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+    def endless():
+        yield from iterable
+
+    return endless()
+
+
 def _measure(make, args, split, train, workers, repeat) -> dict:
     iterator = make(args, split, train, workers, repeat)
     try:
@@ -184,6 +303,8 @@ def run(args) -> list[dict]:
     pipelines = [('flaxnets', _flaxnets_iterator)]
     if is_folder and args.torchvision:
         pipelines.append(('torchvision', _torchvision_iterator))
+    if args.grain:
+        pipelines.append(('grain', _grain_iterator))
     stages = [s for s in ('train', 'eval') if s in args.stages]
     configs = [(name, make, stage, w) for w in args.workers for stage in stages
                for name, make in pipelines]
@@ -209,17 +330,20 @@ def run(args) -> list[dict]:
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
-    """flaxnets / torchvision for each (stage, workers) measured for both."""
+    """flaxnets / each other pipeline, for each (stage, workers) measured for both."""
     by_key = {(r['pipeline'], r['stage'], r['workers']): r for r in rows}
     out = []
     for r in rows:
-        other = by_key.get(('torchvision', r['stage'], r['workers']))
-        if r['pipeline'] == 'flaxnets' and other:
-            out.append({
-                'stage': r['stage'], 'workers': r['workers'],
-                'images_per_s': r['images_per_s'] / other['images_per_s'],
-                'images_per_cpu_s': r['images_per_cpu_s'] / other['images_per_cpu_s'],
-            })
+        if r['pipeline'] != 'flaxnets':
+            continue
+        for other_name in ('torchvision', 'grain'):
+            other = by_key.get((other_name, r['stage'], r['workers']))
+            if other:
+                out.append({
+                    'versus': other_name, 'stage': r['stage'], 'workers': r['workers'],
+                    'images_per_s': r['images_per_s'] / other['images_per_s'],
+                    'images_per_cpu_s': r['images_per_cpu_s'] / other['images_per_cpu_s'],
+                })
     return out
 
 
@@ -240,6 +364,9 @@ def main(argv=None) -> int:
     parser.add_argument('--repeats', type=int, default=3, help='interleaved rounds (median)')
     parser.add_argument('--no-torchvision', dest='torchvision', action='store_false',
                         help='time only our pipeline')
+    parser.add_argument('--grain', action='store_true',
+                        help='also time Grain over the same random-access source (PIL, NumPy, '
+                             'worker processes)')
     parser.add_argument('--json', action='store_true', help='print one JSON object')
     parser.add_argument('--verbose', action='store_true', help='print every measurement')
     parser.add_argument('--make-jpeg-tree', metavar='DIR',
@@ -283,7 +410,7 @@ def main(argv=None) -> int:
         print(f'{r["pipeline"]:<12} {r["stage"]:<6} {r["workers"]:>7} '
               f'{r["images_per_s"]:>10.1f} {r["images_per_cpu_s"]:>13.1f}')
     for r in ratios:
-        print(f'flaxnets / torchvision, {r["stage"]}, {r["workers"]} workers: '
+        print(f'flaxnets / {r["versus"]}, {r["stage"]}, {r["workers"]} workers: '
               f'{r["images_per_s"]:.2f}x images/s, {r["images_per_cpu_s"]:.2f}x images/CPU-s')
     return 0
 
