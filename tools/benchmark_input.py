@@ -396,6 +396,10 @@ def main(argv=None) -> int:
             print('torchvision is not installed: timing only flaxnets (pip install torchvision, '
                   'or pass --no-torchvision).', file=sys.stderr)
             args.torchvision = False
+    if args.grain and importlib.util.find_spec('grain') is None:
+        print('grain is not installed: timing without it (pip install grain, or the [test] extra).',
+              file=sys.stderr)
+        args.grain = False
     rows = run(args)
     ratios = _ratios(rows)
     if args.json:
