@@ -26,32 +26,35 @@ import optax
 from flax import traverse_util
 
 # Top-level module names of the classifier in most families (ResNet/NFNet 'fc', DenseNet
-# 'classifier', timm-style 'head'); a model's own declaration (`classifier_mask`) is exact.
+# 'classifier', timm-style 'head'): the default for a bare params tree; a registered
+# model's own declaration (`classifier_mask`) is exact.
 CLASSIFIER_NAMES: tuple[str, ...] = ('fc', 'classifier', 'head')
 
 
+def _clip_mask(params: Any, in_classifier: Callable[[tuple[str, ...]], bool]) -> Any:
+    """True for every parameter whose path `in_classifier` does not claim."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({k: not in_classifier(k) for k in flat})
+
+
 def skip_classifier_mask(
-    params: Any, classifier_paths: Collection[str] = CLASSIFIER_NAMES
+    params: Any, classifier_names: Collection[str] = CLASSIFIER_NAMES
 ) -> Any:
-    """True for every parameter except those under a classifier module.
+    """True for every parameter except those under a top-level classifier module.
 
     Args:
         params: the model's ``params`` tree (a nested dict).
-        classifier_paths: module paths (``'fc'``, ``'head/fc'``) whose subtrees are not
-            clipped.
+        classifier_names: top-level keys whose subtrees are not clipped.
     """
-    prefixes = [tuple(p.split('/')) for p in classifier_paths]
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {k: not any(k[:len(p)] == p for p in prefixes) for k in flat})
+    return _clip_mask(params, lambda path: path[0] in classifier_names)
 
 
 def classifier_mask(model_name: str) -> Callable[[Any], Any]:
     """The AGC mask of a registered model: its declared classifier
-    (`models.classifier_paths`, from the model's ModelCfg) is not clipped."""
+    (`models.in_classifier`, from the model's ModelCfg) is not clipped."""
     import models  # noqa: PLC0415 - the optimizer module stays importable without the zoo
 
-    return functools.partial(skip_classifier_mask, classifier_paths=models.classifier_paths(model_name))
+    return functools.partial(_clip_mask, in_classifier=functools.partial(models.in_classifier, model_name))
 
 
 def adaptive_grad_clip(
