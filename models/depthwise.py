@@ -53,7 +53,8 @@ def selected_implementation() -> str:
     return impl
 
 
-def _explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> list[tuple[int, int]]:
+def explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> list[tuple[int, int]]:
+    """``(low, high)`` pads per spatial dimension for a padding string or explicit pads."""
     if isinstance(padding, str):
         window = [(k - 1) * d + 1 for k, d in zip(kernel_hw, dilation, strict=True)]
         return jax.lax.padtype_to_pads(in_hw, window, strides, padding)
@@ -80,7 +81,7 @@ def depthwise_conv_shifted(
     dilation = tuple(rhs_dilation or (1, 1))
     if out != c:
         lhs = jnp.repeat(lhs, out // c, axis=-1)
-    (pt, pb), (pl, pr) = _explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
+    (pt, pb), (pl, pr) = explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
     x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     hp, wp = h + pt + pb, w + pl + pr
     ho = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1

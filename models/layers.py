@@ -30,6 +30,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxnets_errors import UserError
+from models.dense_conv import (  # noqa: F401  (part of this module's interface)
+    DENSE_IMPLS,
+    conv_im2col,
+    dense_implementation,
+    prefers_im2col,
+    selected_dense_implementation,
+)
 from models.depthwise import (  # noqa: F401  (part of this module's interface)
     DEPTHWISE_IMPLS,
     Padding,
@@ -94,7 +101,10 @@ def get_padding(
 # The one place that decides how a convolution runs. Every conv of every family (nn.Conv /
 # StdConv built by `conv_factory`, NFNet's ScaledStdConv, LeNet-5's scattered C3) calls
 # `conv_general_dilated` below, which has lax.conv_general_dilated's signature and result:
-# - dense (feature_group_count == 1): XLA's convolution.
+# - dense (feature_group_count == 1): on CPU, im2col + one matrix product where measured
+#   faster (models/dense_conv.py: XLA:CPU's weight-gradient convolutions and the layout
+#   transposes they need dominate e.g. resnet50's step), XLA's convolution otherwise and on
+#   every other backend (`lax.platform_dependent`, as below).
 # - depthwise (one group per input channel): on CPU the shifted multiply-adds of
 #   models/depthwise.py (XLA:CPU runs the grouped convolution's backward pass as a dense
 #   one: ~10x efficientnet_b0's train-step FLOPs), elsewhere the native grouped convolution,
@@ -139,8 +149,19 @@ def conv_general_dilated(
         and tuple(lhs_dilation or (1, 1)) == (1, 1)
         and (dimension_numbers is None or _is_nhwc(dimension_numbers))
     )
-    if groups == 1 or not plain:
+    if not plain:
         return native(lhs, rhs)
+    if groups == 1:
+        impl = selected_dense_implementation()
+
+        def im2col(x, k):
+            return conv_im2col(x, k, window_strides, padding, rhs_dilation, precision)
+
+        if impl == 'native' or (impl == 'auto' and not prefers_im2col(lhs.shape, rhs.shape, window_strides)):
+            return native(lhs, rhs)
+        if impl == 'im2col':
+            return im2col(lhs, rhs)
+        return jax.lax.platform_dependent(lhs, rhs, cpu=im2col, default=native)
     if groups == lhs.shape[-1]:
         impl = selected_implementation()
 

@@ -119,6 +119,124 @@ def test_mobilenet_logits_equal_with_either_depthwise_implementation():
     np.testing.assert_allclose(auto, native, rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- dense (im2col)
+
+
+@pytest.mark.parametrize('kernel,stride,mode,dilation', [
+    ((1, 1), 1, 'symmetric', 1),
+    ((1, 1), 2, 'symmetric', 1),   # ResNet's strided 1x1 downsample
+    ((3, 3), 1, 'symmetric', 1),
+    ((3, 3), 2, 'symmetric', 1),
+    ((3, 3), 2, 'tf_same', 1),
+    ((5, 5), 1, 'tf_same', 1),
+    ((7, 7), 2, 'symmetric', 1),   # stems
+    ((1, 7), 1, 'symmetric', 1),   # Inception's factorised 1x7 / 7x1
+    ((7, 1), 1, 'symmetric', 1),
+    ((3, 3), 1, 'symmetric', 2),   # dilation
+    ((3, 3), 1, 'valid', 1),
+    ((11, 11), 4, 'valid', 1),     # AlexNet's stem
+])
+def test_im2col_equals_native_forward_and_backward(kernel, stride, mode, dilation):
+    """Output, input gradient and kernel gradient of im2col against XLA's convolution, both
+    measured against a float64 reference: im2col sums the same products in another order,
+    so it must be as close to the exact result as XLA's own convolution is."""
+    rng = np.random.default_rng(sum(kernel) * 10 + stride)
+    x64 = rng.standard_normal((2, 15, 14, 5))
+    w64 = rng.standard_normal((*kernel, 5, 7))
+    padding = layers.get_padding(mode, kernel, stride, dilation)
+    s, d = (stride, stride), (dilation, dilation)
+
+    def native(x, w):
+        return jax.lax.conv_general_dilated(x, w, s, padding, rhs_dilation=d,
+                                            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    def im2col(x, w):
+        return layers.conv_im2col(x, w, s, padding, d)
+
+    def value_and_grads(f, x, w):
+        y = f(x, w)
+        return (y, *jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1))(x, w))
+
+    x, w = jnp.asarray(x64, jnp.float32), jnp.asarray(w64, jnp.float32)
+    got = jax.jit(lambda x, w: value_and_grads(im2col, x, w))(x, w)
+    xla = jax.jit(lambda x, w: value_and_grads(native, x, w))(x, w)
+    with jax.enable_x64(True):
+        exact = [np.asarray(a) for a in jax.jit(lambda x, w: value_and_grads(native, x, w))(
+            jnp.asarray(x64), jnp.asarray(w64))]
+    for name, a, b, ref in zip(('output', 'input grad', 'kernel grad'), got, xla, exact, strict=True):
+        assert a.shape == ref.shape, name
+        err, xla_err = np.abs(np.asarray(a) - ref).max(), np.abs(np.asarray(b) - ref).max()
+        scale = np.abs(ref).max()
+        assert err <= 4 * xla_err + 1e-6 * scale, (name, err, xla_err)
+        assert err <= 2e-5 * scale, (name, err, scale)
+
+
+def test_dense_auto_is_im2col_on_cpu_and_native_for_accelerators():
+    model = models.create_model('resnet18', num_classes=10)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+    def apply(v, x):
+        return model.apply(v, x, train=False)
+
+    with layers.dense_implementation('native'):
+        convs = [e for e in jax.make_jaxpr(apply)(variables, x).eqns
+                 if e.primitive.name == 'conv_general_dilated']
+        native = _conv_ops(jax.jit(apply).lower(variables, x).as_text())
+    assert len(convs) == len(native) == 20  # stem, 16 block convs, 3 downsamples
+    wide = [layers.prefers_im2col(e.invars[0].aval.shape, e.invars[1].aval.shape,
+                                  e.params['window_strides']) for e in convs]
+    assert 0 < sum(wide) < 20  # the 1x1 downsamples go, the stem stays
+    # The implementation is read when a function is traced: each check traces afresh.
+    fresh = lambda: jax.jit(lambda v, x: apply(v, x))  # noqa: E731
+    cpu = _conv_ops(fresh().lower(variables, x).as_text())
+    assert len(cpu) == wide.count(False)
+    for platforms in (['tpu'], ['cuda', 'tpu']):
+        exported = jax.export.export(fresh(), platforms=platforms)(variables, x)
+        assert len(_conv_ops(exported.mlir_module())) == 20 * len(platforms)
+    with layers.dense_implementation('im2col'):
+        assert not _conv_ops(fresh().lower(variables, x).as_text())
+    with pytest.raises(ValueError, match='auto'):
+        layers.dense_implementation('winograd').__enter__()
+
+
+def test_resnet_train_step_equal_with_either_dense_implementation():
+    """Loss, gradients and BatchNorm updates of a train-mode step with every dense
+    convolution as im2col are as close to a float64 run as XLA's convolutions are."""
+    model = models.create_model('resnet18', num_classes=10)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 32, 32, 3))
+    labels = jnp.asarray(rng.integers(0, 10, 4))
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+    def run(dtype):
+        cast = lambda t: jax.tree.map(lambda a: jnp.asarray(a, dtype), t)  # noqa: E731
+        compute = models.create_model('resnet18', num_classes=10, dtype=dtype)
+
+        def step(params, images):
+            logits, updates = compute.apply({**cast(variables), 'params': params}, images,
+                                            train=True, mutable=['batch_stats'])
+            return core.cross_entropy(logits, labels).mean(), updates
+
+        out = jax.jit(jax.value_and_grad(step, has_aux=True))(cast(variables['params']),
+                                                              jnp.asarray(x, dtype))
+        return [np.asarray(a, np.float64) for a in jax.tree.leaves(out)]
+
+    with layers.dense_implementation('im2col'):
+        got = run(jnp.float32)
+    with layers.dense_implementation('native'):
+        xla = run(jnp.float32)
+        with jax.enable_x64(True):
+            exact = run(jnp.float64)
+    worst = 0.0
+    for a, b, ref in zip(got, xla, exact, strict=True):
+        scale = np.abs(ref).max() + 1e-30
+        err, xla_err = np.abs(a - ref).max() / scale, np.abs(b - ref).max() / scale
+        worst = max(worst, err / max(xla_err, 1e-7))
+        assert err < 1e-3, err  # BatchNorm over 4 values (layer4 at 1x1) amplifies rounding
+    assert worst < 8, worst  # im2col's rounding is XLA's, within a small factor
+
+
 # ----------------------------------------------------------------------------- grouped, 8 devices
 
 

@@ -19,7 +19,9 @@ import signal
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from conftest import read_jsonl, run_train, run_train_multiprocess, small_config
@@ -143,6 +145,57 @@ def test_train_and_eval_steps_compile_once(data_dir):
     assert int(state.step) == 4
     assert step._cache_size() == 1
     assert eval_step._cache_size() == 1
+
+
+def test_state_spec_init_holds_only_initializers_and_equals_model_init():
+    model = models.create_model('resnet18', num_classes=10)
+    tx = optax.sgd(0.1, momentum=0.9)
+    mesh = core.create_mesh()
+    spec = core.train_state_spec(model, tx, rng=jax.random.key(3), input_shape=(1, 32, 32, 3),
+                                 use_ema=True, mesh=mesh)
+    state = spec.init()
+    # The abstract state is what the init builds: shapes, dtypes and shardings.
+    chex.assert_trees_all_equal_shapes_and_dtypes(spec.abstract, state)
+    for a, x in zip(jax.tree.leaves(spec.abstract), jax.tree.leaves(state), strict=True):
+        assert a.sharding == x.sharding
+    # The values are model.init's (the same initializers from the same keys), to the last
+    # bit of float32 (XLA's optimisation level changes the rounding of a few).
+    ref = model.init({'params': jax.random.key(3), 'dropout': jax.random.key(3)},
+                     jnp.zeros((1, 32, 32, 3)), train=False)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref['params']), strict=True):
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=1e-7)
+    chex.assert_trees_all_equal(state.ema_batch_stats, ref['batch_stats'])
+    chex.assert_trees_all_equal(state.ema_params, state.params)
+    # No convolution is compiled: the forward pass is not in the init program.
+    with jax.set_mesh(mesh):
+        init_hlo = jax.jit(lambda: model.lazy_init(
+            {'params': jax.random.key(3)}, jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+            train=False)).lower().as_text()
+    assert 'convolution' not in init_hlo and 'dot_general' not in init_hlo
+
+
+def test_resumed_run_never_builds_the_initial_state(data_dir, tmp_path, monkeypatch):
+    workdir = str(tmp_path / 'run')
+    supervised.train_and_evaluate(small_config(data_dir, model='resnet_tiny', num_train_steps=5,
+                                               eval_every_steps=5), workdir)
+    calls = []
+    real = core.train_state_spec
+
+    def counting(*args, **kwargs):
+        spec = real(*args, **kwargs)
+
+        def init():
+            calls.append(1)
+            return spec.init()
+        return core.StateSpec(spec.abstract, spec.shardings, init)
+
+    monkeypatch.setattr(core, 'train_state_spec', counting)
+    results = supervised.train_and_evaluate(
+        small_config(data_dir, model='resnet_tiny', num_train_steps=10, eval_every_steps=5), workdir)
+    assert results['step'] == 10 and not calls  # resumed at 5 from the checkpoint alone
+    supervised.train_and_evaluate(
+        small_config(data_dir, model='resnet_tiny', num_train_steps=5), str(tmp_path / 'fresh'))
+    assert calls == [1]
 
 
 def test_prefetch_keeps_order_reads_ahead_and_raises_source_errors_in_place():

@@ -36,8 +36,10 @@ rematerialises every block (`config.remat`): the same numbers, less activation m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -115,8 +117,9 @@ def _peak_memory(compiled) -> dict:
     return out
 
 
-def setup_jax(args) -> tuple[dict, dict]:
-    """Builds and compiles our train step and inference; returns (facts, runners)."""
+def setup_jax(args) -> tuple[dict, dict, dict]:
+    """Builds and compiles our train step and inference; returns (facts, runners, the
+    compiled executables), each keyed 'train' / 'infer'."""
     cfg = models.get_model_cfg(args.model)
     channels = cfg.input_size[2]
     config = _bench_config(args)
@@ -170,14 +173,18 @@ def setup_jax(args) -> tuple[dict, dict]:
         'time_to_first_step_s': first_step,
         **_peak_memory(compiled_step),
     }
-    return facts, {'train': train_once, 'infer': infer_once}
+    return facts, {'train': train_once, 'infer': infer_once}, {'train': compiled_step, 'infer': compiled_infer}
 
 
 def bench_jax(args) -> dict:
-    facts, runners = setup_jax(args)
+    facts, runners, compiled = setup_jax(args)
     times = interleaved(runners, steps=args.steps, warmup=args.warmup, repeats=1)
-    return {**facts, 'train_images_per_sec': args.batch_size / times['train'],
-            'infer_images_per_sec': args.batch_size / times['infer']}
+    out = {**facts, 'train_images_per_sec': args.batch_size / times['train'],
+           'infer_images_per_sec': args.batch_size / times['infer']}
+    if args.profile:
+        cls = type(models.create_model(args.model)).__name__
+        out['profile'] = {k: profile(runners[k], compiled[k], args.profile, cls) for k in ('train', 'infer')}
+    return out
 
 
 def _reference_model(name: str):
@@ -235,6 +242,112 @@ def setup_torch(args) -> tuple[dict, dict]:
     infer_once()
     return ({'reference': source, 'torch_threads': torch.get_num_threads()},
             {'train': train_once, 'infer': infer_once})
+
+
+# ----------------------------------------------------------------------------- profile
+
+_HLO_LINE = re.compile(r'^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<rest>.*)$')
+_OPCODE = re.compile(r'(?:^|[\]}\)] )(?P<op>[a-z][a-z\-]*)\(')
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, dict]:
+    """Per instruction of an optimised HLO module: opcode, fusion kind, op_name and source
+    file of its metadata (what a profile's event names refer to)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = _HLO_LINE.match(line)
+        if not m:
+            continue
+        rest = m['rest']
+        op = _OPCODE.search(rest.split(' metadata=')[0])
+        meta = dict(re.findall(r'(op_name|source_file)="([^"]*)"', rest))
+        kind = re.search(r'kind=(k\w+)', rest)
+        out[m['name']] = {'opcode': op['op'] if op else '?', 'kind': kind[1] if kind else '',
+                          'op_name': meta.get('op_name', ''), 'source': meta.get('source_file', '')}
+    return out
+
+
+_NORM_SCOPE = re.compile(r'/(?:[\w.]*[._])?(?:bn|norm|gn|batchnorm|groupnorm)\d*/', re.IGNORECASE)
+
+
+def categorize(name: str, info: dict | None, model_class: str = '') -> str:
+    """A profile category for an executed HLO instruction: what the time is spent on.
+
+    XLA keeps each instruction's JAX op_name (the Flax module path and the transforms
+    around it): 'transpose(' marks the backward pass, a norm module's name (bn1, norm, ...)
+    a normalisation, and ops outside the model's own scope are the loss, metrics and the
+    optimizer update. With im2col (models/dense_conv.py) convolutions show as matmuls.
+    """
+    if info is None:
+        return 'runtime'
+    op, op_name = info['opcode'], info['op_name']
+    backward = 'transpose(' in op_name
+    in_model = bool(model_class) and f'{model_class}' in op_name
+    if op == 'convolution' or 'conv_general_dilated' in name:
+        return 'conv backward' if backward else 'conv forward'
+    if op == 'dot' or 'dot_general' in name:
+        return 'matmul backward' if backward else 'matmul forward'
+    if op in ('transpose', 'copy') or 'transpose' in name or name.startswith('copy'):
+        return 'layout (transpose/copy)'
+    if op in ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all'):
+        return 'collectives'
+    if model_class and not in_model:
+        return 'optimizer, loss, metrics'
+    if _NORM_SCOPE.search(op_name):
+        return 'normalisation backward' if backward else 'normalisation forward'
+    if op in ('reduce-window', 'select-and-scatter') or 'pool' in op_name:
+        return 'pooling'
+    return 'other elementwise (backward)' if backward else 'other elementwise (forward)'
+
+
+def profile(run_once, compiled, steps: int, model_class: str = '') -> dict:
+    """Runs `run_once` `steps` times under the JAX profiler and attributes the executed
+    HLO instructions' time (XLA:CPU reports one event per instruction) to categories.
+
+    Returns {'per_step_ms', 'categories': [(category, ms per step, share)],
+    'top': [(instruction, category, ms per step, share)]}.
+    """
+    import glob
+    import gzip
+    import tempfile
+
+    instructions = hlo_instructions(compiled.as_text())
+    with tempfile.TemporaryDirectory() as d:
+        start = time.perf_counter()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(steps):
+                run_once()
+        wall = (time.perf_counter() - start) / steps
+        files = glob.glob(os.path.join(d, '**', 'perfetto_trace.json.gz'), recursive=True)
+        with gzip.open(files[0], 'rt') as f:
+            trace = json.load(f)
+    events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    by_name: dict[str, float] = {}
+    for e in events:
+        if e.get('ph') == 'X' and e.get('name') in instructions:
+            by_name[e['name']] = by_name.get(e['name'], 0.0) + e.get('dur', 0.0) / 1e3 / steps
+    total = sum(by_name.values()) or 1.0
+    cats: dict[str, float] = {}
+    for name, ms in by_name.items():
+        c = categorize(name, instructions[name], model_class)
+        cats[c] = cats.get(c, 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {
+        'per_step_ms': wall * 1e3,
+        'instruction_ms': total,
+        'categories': sorted(((c, ms, ms / total) for c, ms in cats.items()), key=lambda t: -t[1]),
+        'top': [(n, categorize(n, instructions[n], model_class), ms, ms / total) for n, ms in top],
+    }
+
+
+def _print_profile(label: str, prof: dict) -> None:
+    print(f"  profile of {label}: {prof['per_step_ms']:.0f} ms/step wall (profiled), "
+          f"{prof['instruction_ms']:.0f} ms in HLO instructions (summed over threads)")
+    for c, ms, share in prof['categories']:
+        print(f'    {c:<28} {ms:8.1f} ms {100 * share:5.1f}%')
+    print('    top instructions:')
+    for n, c, ms, share in prof['top'][:10]:
+        print(f'      {n:<40} {c:<26} {ms:7.1f} ms {100 * share:5.1f}%')
 
 
 def _shard_bytes(tree) -> int:
@@ -354,8 +467,28 @@ def main(argv=None) -> dict:
 
     parser.add_argument('--freeze', action='append', default=[], metavar='REGEX',
                         help='freeze matching variables (params/<path>, batch_stats/<path>)')
+    parser.add_argument('--profile', type=int, default=0, metavar='STEPS',
+                        help='profile this many train steps and inference calls: where the '
+                             'time goes, by kind of HLO instruction (not with --compare-timm)')
     parser.add_argument('--json', action='store_true', help='print one JSON object only')
+    parser.add_argument('--dense-conv', choices=models.layers.DENSE_IMPLS, default=None,
+                        help='formulation of dense convolutions (default: FLAXNETS_DENSE_CONV '
+                             'or auto)')
+    parser.add_argument('--depthwise-conv', choices=models.layers.DEPTHWISE_IMPLS, default=None,
+                        help='formulation of depthwise convolutions (default: '
+                             'FLAXNETS_DEPTHWISE_CONV or auto)')
     args = parser.parse_args(argv)
+    if args.profile and args.compare_timm:
+        parser.error('--profile times our step alone; run it without --compare-timm')
+    with contextlib.ExitStack() as stack:
+        if args.dense_conv:
+            stack.enter_context(models.layers.dense_implementation(args.dense_conv))
+        if args.depthwise_conv:
+            stack.enter_context(models.layers.depthwise_implementation(args.depthwise_conv))
+        return _run(args)
+
+
+def _run(args) -> dict:
     if not args.resolution:
         args.resolution = models.get_model_cfg(args.model).input_size[0]
     cache = core.enable_compilation_cache(args.compilation_cache_dir)
@@ -366,7 +499,7 @@ def main(argv=None) -> dict:
     if not args.compare_timm:
         result['flaxnets'] = bench_jax(args)
     else:
-        ours, our_runners = setup_jax(args)
+        ours, our_runners, _ = setup_jax(args)
         ref, ref_runners = setup_torch(args)
         runners = {'jax_train': our_runners['train'], 'torch_train': ref_runners['train'],
                    'jax_infer': our_runners['infer'], 'torch_infer': ref_runners['infer']}
@@ -389,6 +522,8 @@ def main(argv=None) -> dict:
               f"infer {f['infer_compile_s']:.1f}s | first step after {f['time_to_first_step_s']:.1f}s | "
               + ' '.join(
                   f'{k} {v:.0f}' for k, v in f.items() if k.endswith('_mb')))
+        for k, prof in f.get('profile', {}).items():
+            _print_profile(k, prof)
         if args.compare_timm:
             r = result['reference']
             print(f"  {r['reference']}  train {r['train_images_per_sec']:.1f} img/s | infer "

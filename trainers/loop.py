@@ -131,8 +131,11 @@ class Phase:
 
     Attributes:
       name: 'train', or the split of its train records ('finetune' for MPL's student).
-      state: the freshly initialised state (structure, shardings); replaced by the newest
-        checkpoint when there is one.
+      state: the freshly initialised state, or its abstract shapes with shardings
+        (`core.StateSpec.abstract`) when `init` is given; replaced by the newest checkpoint
+        when there is one.
+      init: builds the fresh state when no checkpoint restores (`core.StateSpec.init`), so
+        a resumed run never compiles the init program; None when `state` is concrete.
       step_fn: the jitted `(state, batch) -> (state, metrics)`; metrics hold at least
         'loss', and 'skipped' when the batches carry 'valid'.
       batches: `start_step -> iterator` of this process's host batches from that step on.
@@ -163,6 +166,7 @@ class Phase:
     global_batch_size: int = 0
     max_bad_fraction: float = 1e-3
     guarded: tuple[str, ...] = ('loss', 'grad_norm', 'param_norm')
+    init: Callable[[], Any] | None = None
 
 
 @dataclasses.dataclass
@@ -329,6 +333,8 @@ def run(phase: Phase, config, logger: MetricsLogger) -> Outcome:
     """
     ckpt, total, offset = phase.checkpointer, phase.total_steps, phase.step_offset
     state, resumed = restore_latest(ckpt, phase.state, phase.to_ckpt, phase.from_ckpt)
+    if not resumed and phase.init is not None:
+        state = phase.init()
     start = ckpt.latest_step() if resumed else 0
     logger.drop_after(start + offset)
     outcome = Outcome(state=state, start_step=start, step=start, eval_results={},

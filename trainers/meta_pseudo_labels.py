@@ -260,18 +260,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _initial_state(config, teacher_model, student_model, t_tx, s_tx, input_shape, mesh):
-    """The fresh MPLState and its shardings (teacher and student from fold_in(seed, 0/1))."""
+    """The MPLState's abstract shapes, its shardings and the function that builds the fresh
+    state (teacher and student from fold_in(seed, 0/1)); see `core.StateSpec`."""
     rng = jax.random.key(config.seed)
     shard = config.get('shard_params', False)
-    teacher, t_sh = core.create_train_state(
+    teacher = core.train_state_spec(
         teacher_model, t_tx, rng=jax.random.fold_in(rng, 0), input_shape=input_shape,
         use_ema=False, mesh=mesh, shard_params=shard)
-    student, s_sh = core.create_train_state(
+    student = core.train_state_spec(
         student_model, s_tx, rng=jax.random.fold_in(rng, 1), input_shape=input_shape,
         use_ema=bool(config.get('ema_decay', 0.0)), mesh=mesh, shard_params=shard)
-    sharding = MPLState(teacher=t_sh, student=s_sh, reward_baseline=core.replicated(mesh))
-    state = MPLState(teacher=teacher, student=student, reward_baseline=jnp.zeros((), jnp.float32))
-    return jax.device_put(state, sharding), sharding
+    replicated = core.replicated(mesh)
+    sharding = MPLState(teacher=teacher.shardings, student=student.shardings,
+                        reward_baseline=replicated)
+    abstract = MPLState(teacher=teacher.abstract, student=student.abstract,
+                        reward_baseline=jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated))
+
+    def init() -> MPLState:
+        state = MPLState(teacher=teacher.init(), student=student.init(),
+                         reward_baseline=jnp.zeros((), jnp.float32))
+        return jax.device_put(state, sharding)
+
+    return abstract, sharding, init
 
 
 def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
@@ -290,8 +300,8 @@ def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
     t_schedule = optim.create_schedule(t_conf)
     t_tx = optim.create_optimizer(t_conf, t_schedule)
     use_ema = bool(config.get('ema_decay', 0.0))
-    state, state_sharding = _initial_state(config, teacher_model, student_model, t_tx, s_tx,
-                                           (1, image_size, image_size, channels), mesh)
+    state, state_sharding, init = _initial_state(config, teacher_model, student_model, t_tx, s_tx,
+                                                 (1, image_size, image_size, channels), mesh)
     meta = {'model': f'mpl:{config.teacher_model}->{config.model}',
             'param_fingerprint': tree_fingerprint({'t': state.teacher.params, 's': state.student.params}),
             'dataset': config.dataset, 'seed': config.seed, 'batch_size': config.batch_size}
@@ -319,7 +329,7 @@ def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
         batches=lambda start: train_batches(config, labeled, unlabeled, start, pipe_kw),
         total_steps=total, sharding=sharding, to_ckpt=_to_ckpt, from_ckpt=_from_ckpt,
         prefetch=config.get('prefetch_to_device', 2), global_batch_size=batch_per_step,
-        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
+        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3), init=init,
     )
     t0 = time.time()
     with loop.closing(ckpt, logger):

@@ -112,11 +112,14 @@ def train_and_evaluate(
 def _train(config, workdir: str, setup: Setup, train_iterator_fn) -> dict[str, Any]:
     mesh, model, total = setup.mesh, setup.model, config.num_train_steps
     use_ema = bool(config.get('ema_decay', 0.0))
-    state, state_sharding = core.create_train_state(
+    spec = core.train_state_spec(
         model, setup.tx, rng=jax.random.key(config.seed),
         input_shape=(1, setup.image_size, setup.image_size, setup.channels),
         use_ema=use_ema, mesh=mesh, shard_params=config.get('shard_params', False),
     )
+    # Abstract until the loop knows whether a checkpoint restores (a resume never
+    # compiles the init program); a fine-tune's first start needs the values now.
+    state, state_sharding, init = spec.abstract, spec.shardings, spec.init
     logging.info(
         'Training %s (%s parameters) on %s: %d devices in %d process(es), global batch %d, '
         '%d steps, compute %s.',
@@ -133,6 +136,7 @@ def _train(config, workdir: str, setup: Setup, train_iterator_fn) -> dict[str, A
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), meta,
                         max_to_keep=config.get('keep_checkpoints', 3))
     if pretrained and ckpt.latest_step() is None:
+        state, init = init(), None
         state, summary = finetune.initialize_from_pretrained(state, config, setup.info.num_classes)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, 'init_from.json'), 'w') as f:
@@ -166,7 +170,7 @@ def _train(config, workdir: str, setup: Setup, train_iterator_fn) -> dict[str, A
         name='train', state=state, step_fn=train_step, batches=batches, evaluate=evaluate,
         checkpointer=ckpt, total_steps=total, sharding=core.batch_sharding(mesh),
         prefetch=config.get('prefetch_to_device', 2), global_batch_size=config.batch_size,
-        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3),
+        max_bad_fraction=config.data.get('max_bad_fraction', 1e-3), init=init,
     )
     t0 = time.time()
     with loop.closing(ckpt, logger):

@@ -1,0 +1,131 @@
+"""How a dense convolution (one group) is computed (see ``conv_general_dilated`` in
+models/layers.py).
+
+XLA:CPU runs a convolution's weight gradient as a convolution over the batch, and first
+transposes the activations into a batch-innermost layout for it: in resnet50's train step
+at 64 px those transposes and weight-gradient convolutions take about half of the time
+(`tools/benchmark.py --profile`). Written as *im2col* (the kernel taps' shifted views of the
+input concatenated along the channels, then one matrix product with the kernel reshaped
+to ``(kh * kw * C, O)``; a 1x1 convolution is a plain matrix product), the forward pass,
+the input gradient and the weight gradient are all matrix products, which XLA:CPU runs
+in its tuned GEMM kernels without the transposes.
+
+Which formulation wins depends on the layer, so :func:`dense_implementation` (or
+``FLAXNETS_DENSE_CONV``) chooses per convolution:
+
+- ``'auto'`` (the default): on CPU, im2col for the layers where it was measured faster
+  (:func:`prefers_im2col`), XLA's convolution otherwise and on every other backend;
+- ``'im2col'`` / ``'native'``: that formulation for every dense convolution, on every
+  backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from models.depthwise import Padding, explicit_padding
+
+DENSE_IMPLS = ('auto', 'im2col', 'native')
+_dense_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'flaxnets_dense_impl', default=None
+)
+
+
+@contextlib.contextmanager
+def dense_implementation(impl: str):
+    """Forces how dense convolutions traced inside the block run.
+
+    Args:
+        impl: ``'auto'``, ``'im2col'`` or ``'native'`` (module docstring). The environment
+            variable ``FLAXNETS_DENSE_CONV`` sets the default. Read at trace time: a
+            function already compiled keeps the implementation it was traced with.
+    """
+    if impl not in DENSE_IMPLS:
+        raise ValueError(f'dense implementation must be one of {DENSE_IMPLS}, got {impl!r}')
+    token = _dense_impl.set(impl)
+    try:
+        yield
+    finally:
+        _dense_impl.reset(token)
+
+
+def selected_dense_implementation() -> str:
+    """The implementation dense convolutions traced now use: the innermost
+    :func:`dense_implementation`, else ``FLAXNETS_DENSE_CONV``, else ``'auto'``."""
+    impl = _dense_impl.get() or os.environ.get('FLAXNETS_DENSE_CONV', 'auto')
+    if impl not in DENSE_IMPLS:
+        raise ValueError(f'FLAXNETS_DENSE_CONV must be one of {DENSE_IMPLS}, got {impl!r}')
+    return impl
+
+
+def prefers_im2col(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int]) -> bool:
+    """Whether ``'auto'`` computes this convolution as im2col on CPU.
+
+    The rule is measured, not derived: forward + backward of each dense convolution of
+    resnet50 and densenet121 (batch 32 at 64 px and batch 8 at 224 px), XLA's
+    convolution against im2col on the 2-core CPU (README, "Speed on a CPU"):
+
+    - 1x1 convolutions (any stride) are plain matrix products: 1.1-3.4x faster, every one;
+    - larger kernels whose output has at most 4 pixels: XLA rewrites these (e.g.
+      ResNet-50's layer4 at 64 px, 2x2 outputs) into a convolution of the kernel by the
+      input that runs ~50x slower than the matrix product;
+    - larger kernels over >= 256 input channels with outputs up to 14x14: 1.0-1.6x;
+    - the rest (stems over 3 channels, 3x3 layers on large maps or few channels) stay
+      with XLA's convolution, which is up to 3x faster there.
+    """
+    _, h, w, _ = lhs_shape
+    kh, kw, cin, _ = rhs_shape
+    if kh == kw == 1:
+        return True
+    pixels = -(-h // window_strides[0]) * -(-w // window_strides[1])
+    return pixels <= 4 or (cin >= 256 and pixels <= 196)
+
+
+def conv_im2col(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: Padding,
+    rhs_dilation: Sequence[int] | None = None,
+    precision=None,
+) -> jax.Array:
+    """Dense convolution (NHWC input, HWIO kernel, one group) as im2col and one matrix
+    product; equal to ``lax.conv_general_dilated`` up to float32 summation order.
+
+    The patch matrix holds the taps in the kernel's (row, column, channel) order, so the
+    HWIO kernel reshapes to its rows without a transpose. It is ``kh * kw`` times the
+    input's size (a 3x3 layer's patches are 9x its input), which autodiff keeps for the
+    weight gradient; ``config.remat='block'`` recomputes it instead.
+    """
+    n, h, w, c = lhs.shape
+    kh, kw, cin, out = rhs.shape
+    if cin != c:
+        raise ValueError(f'conv_im2col: input has {c} channels, kernel expects {cin} (one group only)')
+    strides = tuple(window_strides)
+    dilation = tuple(rhs_dilation or (1, 1))
+    (pt, pb), (pl, pr) = explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
+    x = lhs if (pt, pb, pl, pr) == (0, 0, 0, 0) else jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    hp, wp = h + pt + pb, w + pl + pr
+    ho = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    wo = (wp - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            r0, c0 = i * dilation[0], j * dilation[1]
+            full = (r0, c0, strides) == (0, 0, (1, 1)) and (ho, wo) == (hp, wp)
+            taps.append(x if full else jax.lax.slice(
+                x,
+                (0, r0, c0, 0),
+                (n, r0 + (ho - 1) * strides[0] + 1, c0 + (wo - 1) * strides[1] + 1, c),
+                (1, strides[0], strides[1], 1),
+            ))
+    patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
+    return jax.lax.dot_general(
+        patches, rhs.reshape(kh * kw * cin, out), (((3,), (0,)), ((), ())), precision=precision,
+    )
