@@ -171,6 +171,15 @@ def test_im2col_equals_native_forward_and_backward(kernel, stride, mode, dilatio
         assert err <= 2e-5 * scale, (name, err, scale)
 
 
+def test_im2col_of_a_window_larger_than_its_input_is_empty_like_xlas():
+    """Inception-ResNet-v2's reductions at its smallest input see 1x1 and 2x2 maps."""
+    for hw in (1, 2):
+        x, w = jnp.ones((2, hw, hw, 4)), jnp.ones((3, 3, 4, 6))
+        native = jax.lax.conv_general_dilated(x, w, (2, 2), 'VALID',
+                                              dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        assert layers.conv_im2col(x, w, (2, 2), 'VALID').shape == native.shape
+
+
 def test_dense_auto_is_im2col_on_cpu_and_native_for_accelerators():
     model = models.create_model('resnet18', num_classes=10)
     x = jnp.zeros((2, 32, 32, 3))
