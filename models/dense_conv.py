@@ -21,47 +21,26 @@ Which formulation wins depends on the layer, so :func:`dense_implementation` (or
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import os
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from models.depthwise import Padding, explicit_padding
+from models.depthwise import ImplementationSwitch, Padding, explicit_padding
 
 DENSE_IMPLS = ('auto', 'im2col', 'native')
-_dense_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    'flaxnets_dense_impl', default=None
-)
+_SWITCH = ImplementationSwitch('dense', 'FLAXNETS_DENSE_CONV', DENSE_IMPLS)
 
 
-@contextlib.contextmanager
 def dense_implementation(impl: str):
-    """Forces how dense convolutions traced inside the block run.
-
-    Args:
-        impl: ``'auto'``, ``'im2col'`` or ``'native'`` (module docstring). The environment
-            variable ``FLAXNETS_DENSE_CONV`` sets the default. Read at trace time: a
-            function already compiled keeps the implementation it was traced with.
-    """
-    if impl not in DENSE_IMPLS:
-        raise ValueError(f'dense implementation must be one of {DENSE_IMPLS}, got {impl!r}')
-    token = _dense_impl.set(impl)
-    try:
-        yield
-    finally:
-        _dense_impl.reset(token)
+    """Forces how dense convolutions traced inside the block run: ``'auto'``, ``'im2col'``
+    or ``'native'`` (module docstring). ``FLAXNETS_DENSE_CONV`` sets the default."""
+    return _SWITCH.force(impl)
 
 
 def selected_dense_implementation() -> str:
-    """The implementation dense convolutions traced now use: the innermost
-    :func:`dense_implementation`, else ``FLAXNETS_DENSE_CONV``, else ``'auto'``."""
-    impl = _dense_impl.get() or os.environ.get('FLAXNETS_DENSE_CONV', 'auto')
-    if impl not in DENSE_IMPLS:
-        raise ValueError(f'FLAXNETS_DENSE_CONV must be one of {DENSE_IMPLS}, got {impl!r}')
-    return impl
+    """The implementation dense convolutions traced now use."""
+    return _SWITCH.selected()
 
 
 def prefers_im2col(lhs_shape: Sequence[int], rhs_shape: Sequence[int], window_strides: Sequence[int]) -> bool:

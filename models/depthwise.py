@@ -19,38 +19,48 @@ import jax.numpy as jnp
 
 Padding = str | Sequence[tuple[int, int]]
 
+class ImplementationSwitch:
+    """How one kind of convolution is computed: forced by :meth:`force` (a context
+    manager), else by an environment variable, else ``'auto'``. Read when a function is
+    traced: one already compiled keeps the implementation it was traced with. Dense
+    convolutions (models/dense_conv.py) have the other switch."""
+
+    def __init__(self, kind: str, env: str, choices: tuple[str, ...]):
+        self.kind, self.env, self.choices = kind, env, choices
+        self._forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f'flaxnets_{kind}_impl', default=None)
+
+    @contextlib.contextmanager
+    def force(self, impl: str):
+        if impl not in self.choices:
+            raise ValueError(f'{self.kind} implementation must be one of {self.choices}, got {impl!r}')
+        token = self._forced.set(impl)
+        try:
+            yield
+        finally:
+            self._forced.reset(token)
+
+    def selected(self) -> str:
+        impl = self._forced.get() or os.environ.get(self.env, 'auto')
+        if impl not in self.choices:
+            raise ValueError(f'{self.env} must be one of {self.choices}, got {impl!r}')
+        return impl
+
+
 DEPTHWISE_IMPLS = ('auto', 'shifted', 'native')
-_depthwise_impl: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    'flaxnets_depthwise_impl', default=None
-)
+_SWITCH = ImplementationSwitch('depthwise', 'FLAXNETS_DEPTHWISE_CONV', DEPTHWISE_IMPLS)
 
 
-@contextlib.contextmanager
 def depthwise_implementation(impl: str):
-    """Forces how depthwise convolutions traced inside the block run.
-
-    Args:
-        impl: ``'auto'`` (shifted multiply-adds on CPU, the native grouped convolution
-            elsewhere), ``'shifted'`` or ``'native'`` everywhere. The environment variable
-            ``FLAXNETS_DEPTHWISE_CONV`` sets the default. Read at trace time: a function
-            already compiled keeps the implementation it was traced with.
-    """
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f'depthwise implementation must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
-    token = _depthwise_impl.set(impl)
-    try:
-        yield
-    finally:
-        _depthwise_impl.reset(token)
+    """Forces how depthwise convolutions traced inside the block run: ``'auto'`` (shifted
+    multiply-adds on CPU, the native grouped convolution elsewhere), ``'shifted'`` or
+    ``'native'`` everywhere. ``FLAXNETS_DEPTHWISE_CONV`` sets the default."""
+    return _SWITCH.force(impl)
 
 
 def selected_implementation() -> str:
-    """The implementation depthwise convolutions traced now use: the innermost
-    :func:`depthwise_implementation`, else ``FLAXNETS_DEPTHWISE_CONV``, else ``'auto'``."""
-    impl = _depthwise_impl.get() or os.environ.get('FLAXNETS_DEPTHWISE_CONV', 'auto')
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f'FLAXNETS_DEPTHWISE_CONV must be one of {DEPTHWISE_IMPLS}, got {impl!r}')
-    return impl
+    """The implementation depthwise convolutions traced now use."""
+    return _SWITCH.selected()
 
 
 def explicit_padding(padding, in_hw, kernel_hw, strides, dilation) -> list[tuple[int, int]]:

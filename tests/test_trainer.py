@@ -235,21 +235,31 @@ def _train_losses(workdir):
                      if r['split'] == 'train'])
 
 
+# Largest relative loss difference per step (1..10) between the test's run and the same run
+# with every parameter perturbed by one float32 rounding (+-2^-23) after each step, over 8
+# perturbations, running maximum: `python tests/determinism_envelope.py DATA_DIR 8`. One
+# pattern of roundings in eight stayed at ~1e-7; the others grew ~1,000x by step 9, as
+# the loss climbs after warmup (2.24 -> 2.45). 1 and 8 devices differ by such roundings
+# (BatchNorm statistics, loss and gradient sums in another order), so which way a pair of
+# runs goes depends on where they happen to round: 4.8e-7 in most runs, 1.05e-4 from step
+# 8 in one CI run, both inside this envelope.
+ROUNDING_ENVELOPE = np.array([0.0, 1.01e-7, 4.06e-7, 7.23e-6, 7.23e-6, 4.91e-5, 1.99e-4, 1.99e-4,
+                              4.82e-4, 4.82e-4])
+
+
 def test_one_vs_eight_devices_same_losses(data_dir, tmp_path):
     one, eight = str(tmp_path / 'one'), str(tmp_path / 'eight')
     run_train(_cli(data_dir, one), devices=1)
     run_train(_cli(data_dir, eight), devices=8)
     a, b = _train_losses(one), _train_losses(eight)
     assert len(a) == len(b) == 10
-    # The first steps differ only by the order of float32 reductions (BatchNorm statistics,
-    # the gradient all-reduce): ~1e-6. Later steps: runs on a loaded machine have shown
-    # relative differences up to 1.05e-4 from step 8 on (CI and this suite under load;
-    # 4.8e-7 on an idle machine), whose source is not isolated yet (open issue). A sharding
-    # error (unsynchronised BatchNorm, a wrong gradient reduction) moves even the first
-    # steps' losses by far more than either bound.
-    np.testing.assert_allclose(a[:5], b[:5], rtol=2e-5)
-    np.testing.assert_allclose(a, b, rtol=1e-3)
-    print('max |loss diff| 1 vs 8 devices:', np.max(np.abs(a - b)))
+    rel = np.abs(a - b) / np.abs(a)
+    print('relative loss difference per step, 1 vs 8 devices:', ' '.join(f'{r:.1e}' for r in rel))
+    # 10x the rounding envelope (floor 1e-6). A sharding error (BatchNorm statistics of each
+    # device's 2 examples instead of the global 16, a gradient summed instead of averaged)
+    # changes the computation, not its rounding: it shows in the first steps, bound 1e-6.
+    bound = np.maximum(10 * ROUNDING_ENVELOPE, 1e-6)
+    assert (rel <= bound).all(), list(zip(rel.round(9), bound, strict=True))
     assert _results(one)['num_examples'] == _results(eight)['num_examples'] == 1000
 
 

@@ -283,9 +283,10 @@ def categorize(name: str, info: dict | None, model_class: str = '') -> str:
     op, op_name = info['opcode'], info['op_name']
     backward = 'transpose(' in op_name
     in_model = bool(model_class) and f'{model_class}' in op_name
-    if op == 'convolution' or 'conv_general_dilated' in name:
+    primitive = op_name.rsplit('/', 1)[-1]  # a fusion carries its root's op_name
+    if op == 'convolution' or primitive == 'conv_general_dilated':
         return 'conv backward' if backward else 'conv forward'
-    if op == 'dot' or 'dot_general' in name:
+    if op == 'dot' or primitive == 'dot_general':
         return 'matmul backward' if backward else 'matmul forward'
     if op in ('transpose', 'copy') or 'transpose' in name or name.startswith('copy'):
         return 'layout (transpose/copy)'
@@ -293,6 +294,8 @@ def categorize(name: str, info: dict | None, model_class: str = '') -> str:
         return 'collectives'
     if model_class and not in_model:
         return 'optimizer, loss, metrics'
+    if '/conv_dw/' in op_name or 'depthwise' in op_name.lower():
+        return 'depthwise (shifted taps)'
     if _NORM_SCOPE.search(op_name):
         return 'normalisation backward' if backward else 'normalisation forward'
     if op in ('reduce-window', 'select-and-scatter') or 'pool' in op_name:

@@ -304,19 +304,11 @@ def train_state_spec(
         init, mesh, out_shardings=shardings, compiler_options=options)())
 
 
-def create_train_state(
-    model: flax.linen.Module,
-    tx: optax.GradientTransformation,
-    *,
-    rng: jax.Array,
-    input_shape: tuple[int, ...],
-    use_ema: bool,
-    mesh: Mesh,
-    shard_params: bool = False,
-) -> tuple[TrainState, Any]:
-    """Initializes the state directly in its final sharding; returns (state, shardings)."""
-    spec = train_state_spec(model, tx, rng=rng, input_shape=input_shape, use_ema=use_ema,
-                            mesh=mesh, shard_params=shard_params)
+def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
+                       **spec_kwargs) -> tuple[TrainState, Any]:
+    """The initialized state in its final sharding and the shardings (arguments as
+    :func:`train_state_spec`'s), for callers that need the values at once."""
+    spec = train_state_spec(model, tx, **spec_kwargs)
     return spec.init(), spec.shardings
 
 
