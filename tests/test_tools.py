@@ -36,6 +36,45 @@ def test_benchmark_reports_throughput_compile_time_and_memory():
     assert f['compiled_footprint_mb'] > 0
 
 
+def test_benchmark_profile_attributes_the_step_to_what_it_does():
+    """`--profile` reads XLA:CPU's per-instruction profiler events and the compiled HLO's
+    op_names: a ResNet's train step spends its time in convolutions (native or as im2col
+    matrix products), normalisation and elementwise work, forward and backward; the shares
+    add up to the whole."""
+    from tools import benchmark
+
+    out = benchmark.main(['--model', 'resnet_tiny', '--batch-size', '4', '--resolution', '16',
+                          '--steps', '1', '--warmup', '0', '--profile', '2', '--json'])
+    train = out['flaxnets']['profile']['train']
+    shares = {c: share for c, _, share in train['categories']}
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    conv = sum(v for c, v in shares.items() if c.startswith(('conv', 'matmul')))
+    assert conv > 0.1, shares
+    assert any(c.startswith('normalisation') for c in shares), shares
+    assert any('backward' in c for c in shares), shares
+    assert train['top'] and train['instruction_ms'] > 0
+    infer = {c for c, _, _ in out['flaxnets']['profile']['infer']['categories']}
+    assert not any('backward' in c for c in infer) and 'optimizer, loss, metrics' not in infer
+
+
+def test_profile_categories_follow_opcode_and_op_name():
+    from tools import benchmark
+
+    def info(op, op_name, kind=''):
+        return {'opcode': op, 'kind': kind, 'op_name': op_name, 'source': ''}
+
+    cat = lambda name, i: benchmark.categorize(name, i, 'ResNet')  # noqa: E731
+    assert cat('convolution.3', info('convolution', 'jit(f)/transpose(jvp(ResNet))/conv1/'
+                                     'conv_general_dilated')) == 'conv backward'
+    assert cat('ynn_fusion.7', info('fusion', 'jit(f)/jvp(ResNet)/conv1/dot_general')) == 'matmul forward'
+    assert cat('fusion.2', info('fusion', 'jit(f)/jvp(ResNet)/layer1_0/bn1/rsqrt')) == 'normalisation forward'
+    assert cat('fusion.9', info('fusion', 'jit(f)/mul')) == 'optimizer, loss, metrics'
+    assert cat('transpose_copy_fusion', info('fusion', 'jit(f)/jvp(ResNet)/x')) == 'layout (transpose/copy)'
+    assert cat('add.1', None) == 'runtime'
+    text = '  %conv.1 = f32[2,4,4,8]{3,2,1,0} convolution(%p0, %p1), metadata={op_name="a/b/conv_general_dilated"}'
+    assert benchmark.hlo_instructions(text)['conv.1']['opcode'] == 'convolution'
+
+
 def test_benchmark_frozen_backbone_step_is_smaller():
     """With everything but the classifier frozen, the step computes no weight gradients
     and keeps no optimizer state for the backbone: XLA's footprint of the compiled step
