@@ -4,6 +4,8 @@
     python tools/benchmark.py --model resnet50 --resolution 64 --dtype bfloat16
     python tools/benchmark.py --model densenet121 --resolution 64 --compare-timm
     python tools/benchmark.py --model resnet50 --resolution 64 --freeze '^params/(?!fc/)'
+    python tools/benchmark.py --model efficientnet_b0 --batch-size 8 --profile 3
+    python tools/benchmark.py --model resnet50 --resolution 64 --dense-conv native
 
 Runs on the current JAX backend (CPU, GPU or TPU) with the trainer's own jitted step
 (SGD + momentum, weight decay, the model's BatchNorm updates, donated state), so the
@@ -15,6 +17,13 @@ ahead-of-time `lower().compile()` wall time. Memory: the device's peak where the
 reports it (GPU/TPU), and XLA's compiled footprint of the train step (arguments, outputs
 and temporaries) everywhere. `--freeze REGEX` (repeatable, `config.finetune.freeze`
 syntax) times the step a fine-tune with those layers frozen runs.
+
+`--profile N` runs N train steps and N inference calls under the JAX profiler and says where
+the time goes: each executed HLO instruction's time (XLA:CPU reports them one by one),
+grouped by what it does (convolutions or matrix products, forward or backward,
+normalisation, depthwise taps, layout copies, the optimizer and loss), with the top
+instructions. `--dense-conv` / `--depthwise-conv` force a convolution formulation
+(models/dense_conv.py, models/depthwise.py) to compare them.
 
 With `--compare-timm` the two frameworks are timed interleaved (A, B, A, B, ...:
 `--repeats` rounds of `--steps` calls each, medians over the rounds) so a change in the
