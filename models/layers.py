@@ -19,6 +19,7 @@ are reduced in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -178,6 +179,15 @@ def conv_general_dilated(
         return native(lhs, rhs)
     spec = jax.sharding.PartitionSpec
     return jax.shard_map(native, in_specs=(spec(DATA_AXIS), spec()), out_specs=spec(DATA_AXIS))(lhs, rhs)
+
+
+@contextlib.contextmanager
+def native_convolutions():
+    """XLA's own convolution for every dense and depthwise layer traced inside: what a
+    model is, rather than how this backend runs it fastest (MAC counts, serving exports
+    whose converters map convolutions to their own ops)."""
+    with dense_implementation('native'), depthwise_implementation('native'):
+        yield
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:

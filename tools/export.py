@@ -64,9 +64,9 @@ Route, for the libraries installed (JAX 0.10, TensorFlow 2.21, tf2onnx 1.17):
   divisor counts zero padding, torch's count_include_pad=True, and for any average pool
   when the batch size is open), and tf2onnx 1.17 cannot read those; the ONNX export of
   such a model stops with a message naming the op.
-- Depthwise convolutions are traced as the native grouped convolution (models/layers.py
-  `depthwise_implementation('native')`), so TFLite and ONNX get their depthwise conv op
-  rather than the shifted multiply-adds the layer runs on CPU for training.
+- Convolutions are traced as XLA's own (models/layers.py `native_convolutions()`), so
+  TFLite and ONNX get their conv and depthwise conv ops rather than the im2col products
+  and shifted multiply-adds the layers run on CPU for training.
 """
 
 from __future__ import annotations
@@ -318,8 +318,7 @@ def save_savedmodel(predict: Callable, source: Source, input_dtype: str, platfor
 
     module.serve = serve
     # Read when the JAX function is traced, which tf.saved_model.save does (again).
-    native = getattr(layers, 'depthwise_implementation', None)
-    with native('native') if native else contextlib.nullcontext():
+    with layers.native_convolutions():
         tf.saved_model.save(module, path, signatures={SIGNATURE: serve})
 
 

@@ -79,7 +79,7 @@ def model_stats(name: str) -> dict:
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
     params = sum(math.prod(p.shape) for p in jax.tree.leaves(variables['params']))
     # The architecture's own convolutions, whatever formulation runs on this backend.
-    with layers.depthwise_implementation('native'):
+    with layers.native_convolutions():
         jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
     return {
         'model': name,
