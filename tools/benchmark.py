@@ -260,8 +260,8 @@ _OPCODE = re.compile(r'(?:^|[\]}\)] )(?P<op>[a-z][a-z\-]*)\(')
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict]:
-    """Per instruction of an optimised HLO module: opcode, fusion kind, op_name and source
-    file of its metadata (what a profile's event names refer to)."""
+    """Per instruction of an optimised HLO module: opcode, fusion kind and the op_name of
+    its metadata (what a profile's event names refer to)."""
     out = {}
     for line in hlo_text.splitlines():
         m = _HLO_LINE.match(line)
@@ -269,10 +269,10 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict]:
             continue
         rest = m['rest']
         op = _OPCODE.search(rest.split(' metadata=')[0])
-        meta = dict(re.findall(r'(op_name|source_file)="([^"]*)"', rest))
+        op_name = re.search(r'op_name="([^"]*)"', rest)
         kind = re.search(r'kind=(k\w+)', rest)
         out[m['name']] = {'opcode': op['op'] if op else '?', 'kind': kind[1] if kind else '',
-                          'op_name': meta.get('op_name', ''), 'source': meta.get('source_file', '')}
+                          'op_name': op_name[1] if op_name else ''}
     return out
 
 

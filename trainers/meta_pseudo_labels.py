@@ -260,8 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _initial_state(config, teacher_model, student_model, t_tx, s_tx, input_shape, mesh):
-    """The MPLState's abstract shapes, its shardings and the function that builds the fresh
-    state (teacher and student from fold_in(seed, 0/1)); see `core.StateSpec`."""
+    """The MPLState's `core.StateSpec` (teacher and student from fold_in(seed, 0/1))."""
     rng = jax.random.key(config.seed)
     shard = config.get('shard_params', False)
     teacher = core.train_state_spec(
@@ -281,7 +280,7 @@ def _initial_state(config, teacher_model, student_model, t_tx, s_tx, input_shape
                          reward_baseline=jnp.zeros((), jnp.float32))
         return jax.device_put(state, sharding)
 
-    return abstract, sharding, init
+    return core.StateSpec(abstract=abstract, shardings=sharding, init=init)
 
 
 def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
@@ -300,8 +299,9 @@ def _train(config, workdir: str, info, s_cfg) -> dict[str, Any]:
     t_schedule = optim.create_schedule(t_conf)
     t_tx = optim.create_optimizer(t_conf, t_schedule)
     use_ema = bool(config.get('ema_decay', 0.0))
-    state, state_sharding, init = _initial_state(config, teacher_model, student_model, t_tx, s_tx,
-                                                 (1, image_size, image_size, channels), mesh)
+    spec = _initial_state(config, teacher_model, student_model, t_tx, s_tx,
+                          (1, image_size, image_size, channels), mesh)
+    state, state_sharding, init = spec.abstract, spec.shardings, spec.init
     meta = {'model': f'mpl:{config.teacher_model}->{config.model}',
             'param_fingerprint': tree_fingerprint({'t': state.teacher.params, 's': state.student.params}),
             'dataset': config.dataset, 'seed': config.seed, 'batch_size': config.batch_size}
