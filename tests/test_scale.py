@@ -59,6 +59,9 @@ def _native_depthwise(x, w, strides, padding, dilation):
     (7, 2, 'tf_same', 1, 1),
     (3, 1, 'symmetric', 2, 1),   # dilation (Xception-65/71 style atrous separable convs)
     (3, 1, 'valid', 1, 1),
+    (1, 2, 'symmetric', 1, 1),   # a stride phase no tap reaches: its input gradient is zero
+    (3, 3, 'tf_same', 1, 1),     # three phases per axis, 13 and 12 not multiples of 3
+    (5, 2, 'tf_same', 2, 1),     # stride and dilation together
 ])
 def test_shifted_depthwise_equals_native_forward_and_backward(kernel, stride, mode, dilation,
                                                               multiplier):
@@ -81,6 +84,26 @@ def test_shifted_depthwise_equals_native_forward_and_backward(kernel, stride, mo
     # Float32 sums in another order: equal to a few ulps of the largest term.
     for a, b in zip((y_shifted, *g_shifted), (y_native, *g_native), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(np.abs(b).max()))
+
+
+def test_shifted_depthwise_in_bfloat16_accumulates_in_float32_and_keeps_dtypes():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((3, 3, 1, 8)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((2, 5, 5, 8)), jnp.bfloat16)
+    s, padding = (2, 2), [(1, 1), (1, 1)]
+
+    def vjp(f, x, w):
+        y, back = jax.vjp(lambda x, w: f(x, w, s, padding, (1, 1)), x, w)
+        return (y, *back(g.astype(y.dtype)))
+
+    got = jax.jit(lambda x, w: vjp(layers.depthwise_conv_shifted, x, w))(x, w)
+    want = vjp(_native_depthwise, x.astype(jnp.float32), w.astype(jnp.float32))
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == jnp.bfloat16
+        # One bfloat16 rounding of a float32-accumulated result: 2^-8 relative.
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2 ** -8,
+                                   atol=2 ** -8 * float(np.abs(b).max()))
 
 
 def _conv_ops(text: str) -> list[str]:
