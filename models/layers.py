@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxnets_errors import UserError
+from models.batchnorm import BatchNorm  # noqa: F401  (part of this module's interface)
 from models.dense_conv import (  # noqa: F401  (part of this module's interface)
     DENSE_IMPLS,
     conv_im2col,
@@ -333,7 +334,7 @@ def norm_factory(
     """
     if norm == 'batch':
         return functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
+            BatchNorm, use_running_average=not train, momentum=momentum, epsilon=epsilon,
             dtype=dtype, param_dtype=jnp.float32,
         )
     if norm == 'group':

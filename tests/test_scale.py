@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,6 +141,62 @@ def test_mobilenet_logits_equal_with_either_depthwise_implementation():
     with layers.depthwise_implementation('native'):
         native = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     np.testing.assert_allclose(auto, native, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- batchnorm
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batchnorm_train_pass_equals_flax_values_statistics_and_gradients(dtype):
+    from models.batchnorm import BatchNorm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 5, 6, 7)) * 3 + 1, dtype)
+    gy = jnp.asarray(rng.standard_normal(x.shape), dtype)
+    g_mean, g_var = (jnp.asarray(rng.standard_normal(7), jnp.float32) for _ in range(2))
+    ours, flax_bn = (m(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
+                     for m in (BatchNorm, nn.BatchNorm))
+    init = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(lambda a, b: (a.shape, a.dtype, bool((a == b).all())), init,
+                        flax_bn.init(jax.random.key(0), x)) == jax.tree.map(
+        lambda a: (a.shape, a.dtype, True), init)
+    params = {'scale': jnp.linspace(0.5, 2.0, 7), 'bias': jnp.linspace(-1.0, 1.0, 7)}
+    stats = {'mean': jnp.linspace(-0.1, 0.1, 7), 'var': jnp.linspace(0.9, 1.1, 7)}
+
+    def run(module):
+        # A loss of the output and of the updated running statistics, so the gradient
+        # through the batch statistics is checked too.
+        def loss(params, x):
+            y, updates = module.apply({'params': params, 'batch_stats': stats}, x,
+                                      mutable=['batch_stats'])
+            new = updates['batch_stats']
+            return (jnp.vdot(y.astype(jnp.float32), gy.astype(jnp.float32))
+                    + jnp.vdot(new['mean'], g_mean) + jnp.vdot(new['var'], g_var)), (y, new)
+
+        (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+        return y, new, grads
+
+    got, want = jax.jit(lambda: run(ours))(), jax.jit(lambda: run(flax_bn))()
+    tol = 2e-6 if dtype == jnp.float32 else 2 ** -8  # float32 sums; one bfloat16 rounding
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * float(np.abs(b).max()))
+    # Eval mode is Flax's own code: bitwise equal.
+    evaluate = lambda m: np.asarray(m(use_running_average=True, dtype=dtype).apply(  # noqa: E731
+        {'params': params, 'batch_stats': stats}, x), np.float32)
+    np.testing.assert_array_equal(evaluate(BatchNorm), evaluate(nn.BatchNorm))
+
+
+def test_every_batchnorm_model_uses_the_written_out_train_pass():
+    model = models.create_model('resnet18', num_classes=10)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    jaxpr = str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+        variables, x))
+    layers_with_stats = len(variables['batch_stats'] and jax.tree.leaves(variables['batch_stats'])) // 2
+    assert layers_with_stats == 20
+    assert jaxpr.count('batch_norm_train') == layers_with_stats
 
 
 # ----------------------------------------------------------------------------- dense (im2col)
