@@ -252,7 +252,7 @@ def test_full_disk_stops_at_the_failed_save(data_dir, small_disk):
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = _error_lines(proc.stderr)
     assert 'No space left on device' in line and 'MiB free' in line and 'checkpoint of step 4' in line
-    assert 'Traceback' not in proc.stderr and len(proc.stderr.splitlines()) < 60
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.splitlines()) < 60, proc.stderr
     assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
     rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
     assert max(r['step'] for r in rows) <= 5  # no training past the failed save

@@ -270,10 +270,16 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     run_train_multiprocess(_cli(data_dir, multi), num_processes=2, devices=2)
     a, b = _train_losses(single), _train_losses(multi)
     assert len(a) == len(b) == 10
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-    print('max |loss diff| 1x4 vs 2x2:', np.max(np.abs(a - b)))
+    rel = np.abs(a - b) / np.abs(a)
+    print('relative loss difference per step, 1x4 vs 2x2:', ' '.join(f'{r:.1e}' for r in rel))
+    # The cross-process all-reduce adds the same terms in another order: the same rounding
+    # as 1 vs 8 devices, which this recipe can amplify ~1000x by step 9 (CI saw 3.2e-4).
+    bound = np.maximum(10 * ROUNDING_ENVELOPE, 1e-6)
+    assert (rel <= bound).all(), list(zip(rel.round(9), bound, strict=True))
     assert _results(multi)['num_examples'] == 1000
-    assert _results(multi)['top1'] == pytest.approx(_results(single)['top1'], abs=2e-3)
+    # After 10 steps the model sits near chance, where that rounding flips a few of the
+    # 1000 predictions (2 seen); a sharding or gathering error moves top-1 by far more.
+    assert _results(multi)['top1'] == pytest.approx(_results(single)['top1'], abs=1e-2)
 
 
 # ------------------------------------------------------------------ ImageNet recipe under mock data
