@@ -20,7 +20,6 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.normalization import _canonicalize_axes
 
 
 def _sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -74,6 +73,11 @@ def _bwd(epsilon, dtype, residuals, cotangents):
 batch_norm_train.defvjp(_fwd, _bwd)
 
 
+def _features_last(axis, ndim: int) -> bool:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return len(axes) == 1 and axes[0] % ndim == ndim - 1
+
+
 class BatchNorm(nn.BatchNorm):
     """``nn.BatchNorm`` with :func:`batch_norm_train` for the common training case
     (features last, scale and bias, fast variance, no mask or ``axis_name``); Flax's own
@@ -83,7 +87,7 @@ class BatchNorm(nn.BatchNorm):
     def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
         use_ra = nn.merge_param('use_running_average', self.use_running_average, use_running_average)
         common = (
-            _canonicalize_axes(x.ndim, self.axis) == (x.ndim - 1,)
+            _features_last(self.axis, x.ndim)
             and self.use_scale and self.use_bias and self.use_fast_variance
             and self.force_float32_reductions and mask is None and self.axis_name is None
             and self.axis_index_groups is None and self.dtype is not None

@@ -188,6 +188,23 @@ def test_batchnorm_train_pass_equals_flax_values_statistics_and_gradients(dtype)
     np.testing.assert_array_equal(evaluate(BatchNorm), evaluate(nn.BatchNorm))
 
 
+@pytest.mark.parametrize('kwargs', [{'use_bias': False}, {'axis': 1}, {'use_fast_variance': False}])
+def test_batchnorm_cases_outside_the_written_out_pass_are_flaxs_own(kwargs):
+    from models.batchnorm import BatchNorm
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4, 5)), jnp.float32)
+    ours, theirs = (m(use_running_average=False, dtype=jnp.float32, **kwargs)
+                    for m in (BatchNorm, nn.BatchNorm))
+    variables = theirs.init(jax.random.key(0), x)
+
+    def run(module, x):
+        return module.apply(variables, x, mutable=['batch_stats'])
+
+    assert 'batch_norm_train' not in str(jax.make_jaxpr(lambda x: run(ours, x))(x))
+    for a, b in zip(jax.tree.leaves(run(ours, x)), jax.tree.leaves(run(theirs, x)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_every_batchnorm_model_uses_the_written_out_train_pass():
     model = models.create_model('resnet18', num_classes=10)
     x = jnp.zeros((2, 32, 32, 3))
