@@ -216,6 +216,18 @@ def test_every_batchnorm_model_uses_the_written_out_train_pass():
     assert jaxpr.count('batch_norm_train') == layers_with_stats
 
 
+def test_swish_recomputing_its_sigmoid_equals_autodiff():
+    from models.mobilenet import ACTIVATIONS, swish
+
+    assert ACTIVATIONS['swish'] is swish
+    x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 601), jnp.array([-1e4, 1e4, 0.0])])
+    np.testing.assert_array_equal(swish(x), nn.swish(x))
+    g = jnp.cos(x)
+    ours, theirs = (jax.vjp(f, x)[1](g)[0] for f in (swish, nn.swish))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert np.isfinite(ours).all()
+
+
 # ----------------------------------------------------------------------------- dense (im2col)
 
 
