@@ -48,10 +48,6 @@ def _forward(x, scale, bias, epsilon, dtype):
     return (y, mean, var), (x, scale, mean, inv)
 
 
-def _fwd(x, scale, bias, epsilon, dtype):
-    return _forward(x, scale, bias, epsilon, dtype)
-
-
 def _bwd(epsilon, dtype, residuals, cotangents):
     x, scale, mean, inv = residuals
     gy, gmean, gvar = cotangents
@@ -70,7 +66,7 @@ def _bwd(epsilon, dtype, residuals, cotangents):
     return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
-batch_norm_train.defvjp(_fwd, _bwd)
+batch_norm_train.defvjp(_forward, _bwd)
 
 
 def _features_last(axis, ndim: int) -> bool:

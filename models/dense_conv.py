@@ -27,7 +27,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from models.depthwise import ImplementationSwitch, Padding, explicit_padding
+from models.depthwise import (
+    ImplementationSwitch,
+    Padding,
+    explicit_padding,
+    output_size,
+    shifted_view,
+)
 
 DENSE_IMPLS = ('auto', 'im2col', 'native')
 _SWITCH = ImplementationSwitch('dense', 'FLAXNETS_DENSE_CONV', DENSE_IMPLS)
@@ -91,22 +97,13 @@ def conv_im2col(
     dilation = tuple(rhs_dilation or (1, 1))
     (pt, pb), (pl, pr) = explicit_padding(padding, (h, w), (kh, kw), strides, dilation)
     x = lhs if (pt, pb, pl, pr) == (0, 0, 0, 0) else jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    hp, wp = h + pt + pb, w + pl + pr
-    ho = (hp - (kh - 1) * dilation[0] - 1) // strides[0] + 1
-    wo = (wp - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+    ho = output_size(h, (pt, pb), kh, strides[0], dilation[0])
+    wo = output_size(w, (pl, pr), kw, strides[1], dilation[1])
     if ho <= 0 or wo <= 0:  # the window does not fit (XLA's convolution gives an empty map too)
         return jnp.zeros((n, max(ho, 0), max(wo, 0), out), lhs.dtype)
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            r0, c0 = i * dilation[0], j * dilation[1]
-            full = (r0, c0, strides) == (0, 0, (1, 1)) and (ho, wo) == (hp, wp)
-            taps.append(x if full else jax.lax.slice(
-                x,
-                (0, r0, c0, 0),
-                (n, r0 + (ho - 1) * strides[0] + 1, c0 + (wo - 1) * strides[1] + 1, c),
-                (1, strides[0], strides[1], 1),
-            ))
+    full = (kh, kw, strides) == (1, 1, (1, 1))  # a 1x1 stride-1 layer reads the whole input
+    taps = [x if full else shifted_view(x, (i * dilation[0], j * dilation[1]), strides, (ho, wo))
+            for i in range(kh) for j in range(kw)]
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
     return _patch_matmul(patches, rhs.reshape(kh * kw * cin, out), precision)
 

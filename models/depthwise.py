@@ -4,7 +4,7 @@ XLA:CPU runs a grouped convolution's backward pass as a dense convolution, so on
 depthwise convolution is computed as a sum of shifted multiply-adds over the kernel taps
 (:func:`depthwise_conv_shifted`) with a written-out backward pass: the input gradient as
 the same kind of sum, one per stride phase, and the kernel gradient as one variadic
-reduction over all taps (3x faster than autodiff's transpose for EfficientNet-B0's layers,
+reduction over all taps (2.8x faster than autodiff's transpose for EfficientNet-B0's layers,
 forward + backward, 8 x 224 px). :func:`depthwise_implementation` (or ``FLAXNETS_DEPTHWISE_CONV``) forces one
 formulation everywhere.
 """
@@ -103,20 +103,27 @@ def depthwise_conv_shifted(
     return _taps(lhs, rhs[:, :, 0, :], strides, pads, dilation)
 
 
-def _out_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
+def output_size(size: int, pad: tuple[int, int], k: int, stride: int, dilation: int) -> int:
+    """A convolution's output length along one axis."""
     return (size + pad[0] + pad[1] - (k - 1) * dilation - 1) // stride + 1
 
 
-def _tap_sum(xp, k, offsets, strides, out_hw, acc_dtype):
-    """``sum_t xp[:, r_t + s0 * a, c_t + s1 * b, :] * k_t`` over taps ``(r_t, c_t, k_t)``,
-    for ``a, b`` over ``out_hw``; zeros when there is no tap."""
+def shifted_view(xp, offset, strides, out_hw):
+    """``xp[:, r + s0 * a, c + s1 * b, :]`` for ``a, b`` over ``out_hw``: the input window
+    one kernel tap at ``offset = (r, c)`` reads."""
     n, _, _, c = xp.shape
-    (ho, wo), (s0, s1) = out_hw, strides
+    (r0, c0), (ho, wo), (s0, s1) = offset, out_hw, strides
+    return jax.lax.slice(xp, (0, r0, c0, 0),
+                         (n, r0 + (ho - 1) * s0 + 1, c0 + (wo - 1) * s1 + 1, c), (1, s0, s1, 1))
+
+
+def _tap_sum(xp, k, offsets, strides, out_hw, acc_dtype):
+    """``sum_t shifted_view(xp, offset_t) * k_t`` over the taps; zeros when there is none."""
+    n, _, _, c = xp.shape
+    ho, wo = out_hw
     y = None
-    for (r0, c0), kt in zip(offsets, k, strict=True):
-        tap = jax.lax.slice(xp, (0, r0, c0, 0),
-                            (n, r0 + (ho - 1) * s0 + 1, c0 + (wo - 1) * s1 + 1, c), (1, s0, s1, 1))
-        term = tap.astype(acc_dtype) * kt.astype(acc_dtype)
+    for offset, kt in zip(offsets, k, strict=True):
+        term = shifted_view(xp, offset, strides, out_hw).astype(acc_dtype) * kt.astype(acc_dtype)
         y = term if y is None else y + term
     return jnp.zeros((n, ho, wo, c), acc_dtype) if y is None else y
 
@@ -129,7 +136,7 @@ def _acc_dtype(x):
 def _taps(x, k, strides, pads, dilation):
     """The depthwise convolution of ``x`` (NHWC) with ``k`` (kh, kw, C), explicit pads."""
     kh, kw, _ = k.shape
-    ho, wo = (_out_size(x.shape[1 + d], pads[d], k.shape[d], strides[d], dilation[d]) for d in (0, 1))
+    ho, wo = (output_size(x.shape[1 + d], pads[d], k.shape[d], strides[d], dilation[d]) for d in (0, 1))
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     offsets = [(i * dilation[0], j * dilation[1]) for i in range(kh) for j in range(kw)]
     taps = [k[i, j] for i in range(kh) for j in range(kw)]
@@ -192,10 +199,7 @@ def _kernel_grad(x, g, kernel_hw, strides, pads, dilation):
     products = []
     for i in range(kh):
         for j in range(kw):
-            r0, c0 = i * dilation[0], j * dilation[1]
-            tap = jax.lax.slice(xp, (0, r0, c0, 0),
-                                (n, r0 + (ho - 1) * strides[0] + 1, c0 + (wo - 1) * strides[1] + 1, c),
-                                (1, strides[0], strides[1], 1))
+            tap = shifted_view(xp, (i * dilation[0], j * dilation[1]), strides, (ho, wo))
             products.append(tap.astype(acc) * gf)
     zero = jnp.zeros((), acc)
     partial_sums = jax.lax.reduce(tuple(products), (zero,) * len(products),
